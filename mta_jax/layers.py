@@ -1,0 +1,153 @@
+"""Flax NNX layers: MultiTokenAttention, SwiGLU and the RMSNorm the model uses."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mta_jax.attention import multi_token_attention
+from mta_jax.config import MTAConfig
+from mta_jax.masks import positions_from_segment_ids
+from mta_jax.params import MTAParams, init_mta_params
+from mta_jax.rope import apply_rope
+
+MTA_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(MTAParams))
+
+
+def truncated_normal(std: float) -> nnx.Initializer:
+    """Normal(0, std) truncated at +-3 std: torch's trunc_normal_(std=s, a=-3s, b=3s)."""
+    return jax.nn.initializers.truncated_normal(std, lower=-3.0, upper=3.0)
+
+
+def RMSNorm(
+    dim: int, *, eps: float = 1e-5, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
+) -> nnx.RMSNorm:
+    """Flax's RMSNorm with the reference's settings: eps 1e-5, float32 statistics, weight of ones."""
+    return nnx.RMSNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class SwiGLU(nnx.Module):
+    """w2(silu(w1 x) * w3 x); w1, w3 init std dim^-0.5 and w2 std hidden^-0.5 (the reference's)."""
+
+    def __init__(self, dim: int, hidden_dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        linear = functools.partial(
+            nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.w1 = linear(dim, hidden_dim, kernel_init=truncated_normal(dim**-0.5))
+        self.w3 = linear(dim, hidden_dim, kernel_init=truncated_normal(dim**-0.5))
+        self.w2 = linear(hidden_dim, dim, kernel_init=truncated_normal(hidden_dim**-0.5))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+
+class MultiTokenAttention(nnx.Module):
+    """Attention with the MTA parts of `mta` (None: standard attention), RoPE and GQA.
+
+    x: [B, T, dim] -> [B, T, dim]. MTA parameters start at the identity (see params.py), so a fresh
+    layer with only kq-conv and head mixing is exactly standard causal attention.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        mta: MTAConfig | None = None,
+        rope_theta: float = 100_000.0,
+        rope_style: str = "interleaved",
+        layer_index: int = 0,
+        implementation: str = "reference",
+        init_std: float | None = None,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = head_dim or dim // num_heads
+        self.mta = mta if mta is not None else MTAConfig()
+        self.mta.check_heads(self.num_heads, self.num_kv_heads)
+        self.rope_theta = rope_theta
+        self.rope_style = rope_style
+        self.layer_index = layer_index
+        self.implementation = implementation
+        self.dtype = dtype
+        self.deterministic = False  # dropout on, as nnx.Dropout; model.eval() turns it off
+
+        std = dim**-0.5 if init_std is None else init_std
+        linear = functools.partial(
+            nnx.Linear,
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=truncated_normal(std),
+            rngs=rngs,
+        )
+        self.wq = linear(dim, self.num_heads * self.head_dim)
+        self.wk = linear(dim, self.num_kv_heads * self.head_dim)
+        self.wv = linear(dim, self.num_kv_heads * self.head_dim)
+        self.wo = linear(self.num_heads * self.head_dim, dim)
+
+        params = init_mta_params(
+            self.mta, self.num_heads, self.head_dim, rngs.params(), gate_std=std, dtype=param_dtype
+        )
+        for name in MTA_PARAM_NAMES:
+            value = getattr(params, name)
+            setattr(self, name, None if value is None else nnx.Param(value))
+        # Dropout keys, as nnx.Dropout: the "dropout" stream (or "default"); None when the Rngs has
+        # neither (Linen init through nnx.bridge), and then a non-deterministic call raises.
+        has_stream = "dropout" in rngs or "default" in rngs
+        self.rngs = rngs["dropout"].fork() if self.mta.dropout_rate > 0 and has_stream else None
+
+    def mta_params(self) -> MTAParams:
+        """The MTA parameters as the functional core takes them."""
+        values = {}
+        for name in MTA_PARAM_NAMES:
+            param = getattr(self, name)
+            values[name] = None if param is None else param[...]
+        return MTAParams(**values)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        deterministic: bool | None = None,
+    ) -> jax.Array:
+        """x: [B, T, dim]; positions: [B, T] RoPE positions (default: restart per segment, else
+        0..T-1); segment_ids: [B, T] packed-document ids."""
+        batch, seq_len, _ = x.shape
+        if positions is None:
+            if segment_ids is None:
+                positions = jnp.arange(seq_len)
+            else:
+                positions = positions_from_segment_ids(segment_ids)
+        q = self.wq(x).reshape(batch, seq_len, self.num_heads, self.head_dim)
+        k = self.wk(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v = self.wv(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, positions, self.rope_theta, self.rope_style)
+        k = apply_rope(k, positions, self.rope_theta, self.rope_style)
+
+        deterministic = self.deterministic if deterministic is None else deterministic
+        dropout_rng = self.rngs() if self.rngs is not None and not deterministic else None
+        out = multi_token_attention(
+            q,
+            k,
+            v,
+            self.mta_params(),
+            self.mta,
+            segment_ids=segment_ids,
+            implementation=self.implementation,
+            dropout_rng=dropout_rng,
+            deterministic=deterministic,
+            layer_index=self.layer_index,
+        )
+        return self.wo(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
