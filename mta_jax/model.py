@@ -1,0 +1,114 @@
+"""The paper's language model: a Llama-style pre-norm decoder with per-layer MTA (spec section 5)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mta_jax.config import ModelConfig
+from mta_jax.layers import MultiTokenAttention, RMSNorm, SwiGLU, truncated_normal
+from mta_jax.masks import positions_from_segment_ids
+
+
+class DecoderBlock(nnx.Module):
+    """h = x + attention(norm(x)); out = h + feed_forward(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int, *, rngs: nnx.Rngs):
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        norm_args = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attention_norm = RMSNorm(cfg.dim, **norm_args)
+        self.attention = MultiTokenAttention(
+            cfg.dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            mta=cfg.layer_mta(layer_index),
+            rope_theta=cfg.rope_theta,
+            rope_style=cfg.rope_style,
+            layer_index=layer_index,
+            implementation=cfg.attention_implementation,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.ffn_norm = RMSNorm(cfg.dim, **norm_args)
+        self.feed_forward = SwiGLU(
+            cfg.dim, cfg.ffn_hidden_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def __call__(self, x, *, positions, segment_ids, deterministic=None):
+        h = x + self.attention(
+            self.attention_norm(x),
+            positions=positions,
+            segment_ids=segment_ids,
+            deterministic=deterministic,
+        )
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class MTATransformer(nnx.Module):
+    """tokens [B, T] -> logits [B, T, vocab] (float32). Embeddings tied to the output by default."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        init = truncated_normal(cfg.dim**-0.5)
+        self.tok_embeddings = nnx.Embed(
+            cfg.vocab_size,
+            cfg.dim,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=init,
+            rngs=rngs,
+        )
+        self.layers = nnx.List([DecoderBlock(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.output = (
+            None
+            if cfg.tie_embeddings
+            else nnx.Linear(
+                cfg.dim,
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=init,
+                rngs=rngs,
+            )
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        deterministic: bool | None = None,
+    ) -> jax.Array:
+        """tokens: [B, T] ints; positions: [B, T] (default: restart at every new segment id);
+        segment_ids: [B, T] ids of packed documents (None: one document per row)."""
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(
+                f"tokens with shape {tokens.shape} and dtype {tokens.dtype} is invalid: "
+                "must be integer [B, T]"
+            )
+        if positions is None:
+            positions = (
+                jnp.arange(tokens.shape[1])
+                if segment_ids is None
+                else positions_from_segment_ids(segment_ids)
+            )
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, positions=positions, segment_ids=segment_ids, deterministic=deterministic)
+        h = self.norm(h)
+        logits = self.tok_embeddings.attend(h) if self.output is None else self.output(h)
+        return logits.astype(jnp.float32)
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Number of parameters of the model, counted on abstract shapes (nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: MTATransformer(cfg, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    return sum(leaf.size for leaf in leaves)

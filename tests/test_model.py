@@ -1,0 +1,161 @@
+"""The decoder: parameter counts of the paper's models, per-layer MTA, causality, packing, gradients."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mta_jax.config import ModelConfig, MTAConfig, load_model_config
+from mta_jax.model import MTATransformer, count_params
+from tests.helpers import random_mta_params, random_segment_ids
+
+SIZES = {"300M": (1024, 20, 16), "550M": (1280, 24, 10), "880M": (1536, 24, 16), "1B": (2048, 24, 16)}
+
+TINY = ModelConfig(
+    vocab_size=50,
+    dim=32,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    mta=MTAConfig(
+        pre_conv=(3, 5), post_conv=(2, 3), pre_head_mix=4, post_head_mix=2, group_norm=True, gate="scalar"
+    ),
+    kq_conv_layers=(1,),
+)
+
+
+def test_880m_parameter_count_matches_the_paper():
+    baseline = count_params(load_model_config("configs/models/880M_baseline.yaml"))
+    mta = count_params(load_model_config("configs/models/880M_mta.yaml"))
+    assert baseline == 876_553_728
+    assert mta - baseline == 29_592
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_paper_model_counts_follow_the_formulas(size):
+    dim, layers, heads = SIZES[size]
+    baseline = load_model_config(f"configs/models/{size}_baseline.yaml")
+    mta = load_model_config(f"configs/models/{size}_mta.yaml")
+    hidden = baseline.ffn_hidden_dim
+    want_baseline = 128_256 * dim + layers * (4 * dim * dim + 3 * dim * hidden + 2 * dim) + dim
+    assert count_params(baseline) == want_baseline
+    # Spec section 5: 2 L M (c_q c_k / 4 + c_h) + L (2 head_dim + 1), kq-conv in a quarter of the layers.
+    head_dim = dim // heads
+    want_extra = 2 * layers * heads * (6 * 11 / 4 + heads) + layers * (2 * head_dim + 1)
+    assert count_params(mta) - count_params(baseline) == want_extra
+    assert mta.kq_conv_layers == tuple(range(2, layers, 4))
+
+
+def _model(cfg, seed):
+    return MTATransformer(cfg, rngs=nnx.Rngs(seed))
+
+
+@nnx.jit
+def _logits(model, tokens, segment_ids=None):
+    return model(tokens, segment_ids=segment_ids)
+
+
+def _randomise_mta(model, rng):
+    """Replaces every MTA parameter by random values (away from the identity)."""
+    for layer in model.layers:
+        attention = layer.attention
+        random = random_mta_params(attention.mta, attention.num_heads, attention.head_dim, rng)
+        for field in dataclasses.fields(random):
+            value = getattr(random, field.name)
+            if value is not None:
+                getattr(attention, field.name)[...] = value
+
+
+def test_kq_conv_only_in_chosen_layers_and_mixing_everywhere(seed):
+    model = _model(TINY, seed)
+    for i, layer in enumerate(model.layers):
+        attention = layer.attention
+        assert (attention.pre_conv is not None) == (i == 1)
+        assert (attention.post_conv is not None) == (i == 1)
+        assert attention.pre_head_mix is not None and attention.post_head_mix is not None
+        assert attention.norm_scale is not None and attention.gate_kernel is not None
+    assert model.output is None  # tied embeddings
+    untied = _model(dataclasses.replace(TINY, tie_embeddings=False), seed)
+    assert untied.output.kernel.shape == (32, 50)
+
+
+def test_embedding_init_is_truncated_normal(seed):
+    cfg = dataclasses.replace(TINY, vocab_size=4096, dim=64, num_layers=1, kq_conv_layers=None)
+    table = _model(cfg, seed).tok_embeddings.embedding[...]
+    assert abs(float(jnp.std(table)) - 0.986 * 64**-0.5) < 0.02 * 64**-0.5
+    assert float(jnp.max(jnp.abs(table))) <= 3 * 64**-0.5 + 1e-7
+
+
+def test_causality_with_random_mta(seed, rng):
+    model = _model(TINY, seed)
+    _randomise_mta(model, rng)
+    tokens = jnp.asarray(rng.integers(0, 50, (2, 16)))
+    t = int(rng.integers(1, 15))
+    changed = tokens.at[:, t:].set(jnp.asarray(rng.integers(0, 50, (2, 16 - t))))
+    a, b = _logits(model, tokens), _logits(model, changed)
+    np.testing.assert_array_equal(a[:, :t], b[:, :t])
+    assert not np.allclose(a[:, t:], b[:, t:])
+
+
+def test_packed_rows_equal_documents_run_alone(seed, rng):
+    """Segment ids isolate documents in every layer: conv, mixing, and RoPE positions restart."""
+    model = _model(TINY, seed)
+    _randomise_mta(model, rng)
+    tokens = jnp.asarray(rng.integers(0, 50, (2, 18)))
+    segment_ids = random_segment_ids(rng, 2, 18, max_docs=3)
+    packed = _logits(model, tokens, segment_ids)
+    for b in range(2):
+        ids = np.asarray(segment_ids[b])
+        for doc in np.unique(ids):
+            rows = np.nonzero(ids == doc)[0]
+            alone = _logits(model, tokens[b : b + 1, rows])
+            np.testing.assert_allclose(packed[b, rows], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fresh_mta_model_equals_the_baseline_with_the_same_weights(seed, rng):
+    """Identity kq-conv and head mixing (no norm, no gate) leave a Transformer unchanged."""
+    mta_cfg = MTAConfig(pre_conv=(6, 11), post_conv=(6, 11), pre_head_mix=4, post_head_mix=4)
+    mta = _model(dataclasses.replace(TINY, mta=mta_cfg, kq_conv_layers=None), seed)
+    baseline = _model(TINY.baseline(), seed)
+    shared = nnx.state(baseline, nnx.Param)
+    nnx.update(mta, shared)  # same projection, FFN, norm and embedding weights
+    tokens = jnp.asarray(rng.integers(0, 50, (2, 14)))
+    np.testing.assert_allclose(_logits(mta, tokens), _logits(baseline, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_reach_every_parameter(seed, rng):
+    model = _model(TINY, seed)
+    _randomise_mta(model, rng)
+    tokens = jnp.asarray(rng.integers(0, 50, (2, 12)))
+
+    def loss(model):
+        logits = model(tokens[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+    grads = nnx.grad(loss)(model)
+    flat = nnx.to_flat_state(grads)
+    assert len(flat) == len(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for path, value in flat:
+        value = value[...]
+        assert np.all(np.isfinite(value)), path
+        assert np.any(value != 0), f"no gradient reaches {'/'.join(map(str, path))}"
+
+
+def test_bfloat16_model_close_to_float32(seed, rng):
+    model32 = _model(TINY, seed)
+    _randomise_mta(model32, rng)
+    model16 = _model(dataclasses.replace(TINY, dtype="bfloat16"), seed)
+    nnx.update(model16, nnx.state(model32, nnx.Param))
+    tokens = jnp.asarray(rng.integers(0, 50, (2, 16)))
+    a, b = _logits(model32, tokens), _logits(model16, tokens)
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(b, a, atol=0.05 * float(jnp.max(jnp.abs(a))) + 0.02)
+    assert np.mean(np.argmax(a, -1) == np.argmax(b, -1)) > 0.8
+
+
+def test_bad_tokens_are_rejected(seed):
+    with pytest.raises(ValueError, match=r"tokens with shape \(2, 3, 1\) and dtype int32 is invalid"):
+        _model(TINY, seed)(jnp.zeros((2, 3, 1), jnp.int32))
