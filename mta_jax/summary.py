@@ -2,8 +2,9 @@
 
 Prints the architecture, which layers get the key-query convolution and the parameter count
 (counted on abstract shapes, nothing allocated). With --steps N it also builds the model and takes
-N AdamW steps on byte-level text (../shared/data/tinyshakespeare.txt or --data), printing the loss:
-a smoke run of the whole stack on this machine, not the training loop.
+N AdamW steps on byte-level text (--data; by default ../shared/data/tinyshakespeare.txt, or this
+package's own source where that file is absent), printing the loss: a smoke run of the whole stack
+on this machine, not the training loop.
 """
 
 from __future__ import annotations
@@ -53,16 +54,26 @@ def describe(cfg: ModelConfig) -> list[str]:
     ]
 
 
-def byte_batches(path: Path, batch: int, seq_len: int, seed: int):
-    """Endless random windows [batch, seq_len + 1] of the file's bytes."""
-    data = np.frombuffer(path.read_bytes(), np.uint8)
+def default_text() -> tuple[bytes, str]:
+    """tinyshakespeare where the shared data is checked out, else this package's Python source."""
+    if DEFAULT_TEXT.exists():
+        return DEFAULT_TEXT.read_bytes(), str(DEFAULT_TEXT)
+    package = Path(__file__).resolve().parent
+    return b"\n".join(p.read_bytes() for p in sorted(package.glob("*.py"))), f"{package}/*.py"
+
+
+def byte_batches(text: bytes, batch: int, seq_len: int, seed: int):
+    """Endless random windows [batch, seq_len + 1] of the text's bytes."""
+    data = np.frombuffer(text, np.uint8)
+    if len(data) <= seq_len + 1:
+        raise ValueError(f"seq={seq_len} is invalid: the text has only {len(data)} bytes")
     rng = np.random.default_rng(seed)
     while True:
         starts = rng.integers(0, len(data) - seq_len - 1, batch)
         yield np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int32)
 
 
-def smoke_train(cfg: ModelConfig, steps: int, batch: int, seq_len: int, data: Path, seed: int) -> dict:
+def smoke_train(cfg: ModelConfig, steps: int, batch: int, seq_len: int, text: bytes, seed: int) -> dict:
     if cfg.vocab_size < 256:
         raise ValueError(f"vocab_size={cfg.vocab_size} is invalid here: byte-level text needs >= 256")
     model = MTATransformer(cfg, rngs=nnx.Rngs(seed))
@@ -78,7 +89,7 @@ def smoke_train(cfg: ModelConfig, steps: int, batch: int, seq_len: int, data: Pa
         optimizer.update(model, grads)
         return loss
 
-    batches = byte_batches(data, batch, seq_len, seed)
+    batches = byte_batches(text, batch, seq_len, seed)
     losses, start = [], None
     for i in range(steps):
         loss = float(step(model, optimizer, jnp.asarray(next(batches))))
@@ -101,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="AdamW steps of the smoke run (0: none)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--data", type=Path, default=DEFAULT_TEXT, help="text file for the smoke run")
+    parser.add_argument("--data", type=Path, help="text file for the smoke run (default: tinyshakespeare)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -120,10 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parameters: {total:,}")
 
     if args.steps > 0:
-        if not args.data.exists():
-            print(f"no smoke run: {args.data} does not exist (pass --data FILE)", file=sys.stderr)
+        if args.data is None:
+            text, source = default_text()
+        elif args.data.exists():
+            text, source = args.data.read_bytes(), str(args.data)
+        else:
+            print(f"--data {args.data} does not exist", file=sys.stderr)
             return 1
-        result.update(smoke_train(cfg, args.steps, args.batch, args.seq, args.data, args.seed))
+        print(f"smoke run: {args.steps} AdamW steps on the bytes of {source}")
+        result["data"] = source
+        result.update(smoke_train(cfg, args.steps, args.batch, args.seq, text, args.seed))
         print(f"loss {result['first_loss']:.4f} -> {result['last_loss']:.4f} on {result['device']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

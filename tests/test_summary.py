@@ -16,11 +16,29 @@ def test_describes_the_880m_mta_model(tmp_path, capsys):
     assert result["parameters"] == 876_583_320 and result["mta_extra_parameters"] == 29_592
 
 
-@pytest.mark.skipif(not DEFAULT_TEXT.exists(), reason=f"{DEFAULT_TEXT} is not on this machine")
-def test_smoke_run_lowers_the_loss_on_shakespeare(tmp_path):
+SMOKE = ["--config", "configs/models/tiny_mta.yaml", "--steps", "12", "--batch", "4", "--seq", "64"]
+
+
+def _smoke(tmp_path, *extra):
     out = tmp_path / "r.json"
-    args = ["--config", "configs/models/tiny_mta.yaml", "--steps", "12", "--batch", "4", "--seq", "64"]
-    assert main([*args, "--json", str(out)]) == 0
+    assert main([*SMOKE, *extra, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["first_loss"] > 5.0  # about log(256) at init
     assert result["last_loss"] < result["first_loss"] - 1.5
+    return result
+
+
+@pytest.mark.skipif(not DEFAULT_TEXT.exists(), reason=f"{DEFAULT_TEXT} is not on this machine")
+def test_smoke_run_lowers_the_loss_on_shakespeare(tmp_path):
+    assert _smoke(tmp_path)["data"] == str(DEFAULT_TEXT)
+
+
+def test_smoke_run_on_any_text_file(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    assert _smoke(tmp_path, "--data", str(text))["data"] == str(text)
+
+
+def test_missing_data_file_is_an_error(tmp_path, capsys):
+    assert main([*SMOKE, "--data", str(tmp_path / "missing.txt")]) == 1
+    assert "does not exist" in capsys.readouterr().err
