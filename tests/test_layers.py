@@ -81,8 +81,9 @@ def test_fresh_mta_layer_is_standard_attention(rng, style):
 def test_layer_initialisation_follows_the_reference(rng):
     dim = 256
     layer = MultiTokenAttention(dim, 8, mta=FULL, rngs=nnx.Rngs(int(rng.integers(1e6))))
-    for w in (layer.wq.kernel[...], layer.gate_kernel[...]):
-        assert abs(float(jnp.std(w)) - 0.986 * dim**-0.5) < 0.1 * dim**-0.5  # std of N(0,1) cut at +-3
+    # Normal(0, dim^-0.5) cut at +-3 std has std 0.986 dim^-0.5; tolerances are > 4 sampling sigmas.
+    for w, tolerance in ((layer.wq.kernel[...], 0.03), (layer.gate_kernel[...], 0.6)):
+        assert abs(float(jnp.std(w)) - 0.986 * dim**-0.5) < tolerance * dim**-0.5
         assert float(jnp.max(jnp.abs(w))) <= 3 * dim**-0.5 + 1e-7
     np.testing.assert_array_equal(layer.gate_bias[...], 0.0)
     np.testing.assert_array_equal(layer.norm_scale[...], 1.0)
