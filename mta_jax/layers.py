@@ -11,7 +11,7 @@ from flax import nnx
 
 from mta_jax.attention import multi_token_attention
 from mta_jax.config import MTAConfig
-from mta_jax.masks import positions_from_segment_ids
+from mta_jax.masks import default_positions
 from mta_jax.params import MTAParams, init_mta_params
 from mta_jax.rope import apply_rope
 
@@ -126,10 +126,7 @@ class MultiTokenAttention(nnx.Module):
         0..T-1); segment_ids: [B, T] packed-document ids."""
         batch, seq_len, _ = x.shape
         if positions is None:
-            if segment_ids is None:
-                positions = jnp.arange(seq_len)
-            else:
-                positions = positions_from_segment_ids(segment_ids)
+            positions = default_positions(seq_len, segment_ids)
         q = self.wq(x).reshape(batch, seq_len, self.num_heads, self.head_dim)
         k = self.wk(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
         v = self.wv(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)

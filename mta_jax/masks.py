@@ -29,6 +29,11 @@ def visibility_mask(
     return visible
 
 
+def default_positions(seq_len: int, segment_ids: jax.Array | None) -> jax.Array:
+    """RoPE positions when none are given: 0..T-1, restarting per document with segment ids."""
+    return jnp.arange(seq_len) if segment_ids is None else positions_from_segment_ids(segment_ids)
+
+
 def positions_from_segment_ids(segment_ids: jax.Array) -> jax.Array:
     """[B, T] positions that restart at 0 wherever the segment id changes (packed documents)."""
     seq_len = segment_ids.shape[-1]

@@ -8,7 +8,7 @@ from flax import nnx
 
 from mta_jax.config import ModelConfig
 from mta_jax.layers import MultiTokenAttention, RMSNorm, SwiGLU, truncated_normal
-from mta_jax.masks import positions_from_segment_ids
+from mta_jax.masks import default_positions
 
 
 class DecoderBlock(nnx.Module):
@@ -94,11 +94,7 @@ class MTATransformer(nnx.Module):
                 "must be integer [B, T]"
             )
         if positions is None:
-            positions = (
-                jnp.arange(tokens.shape[1])
-                if segment_ids is None
-                else positions_from_segment_ids(segment_ids)
-            )
+            positions = default_positions(tokens.shape[1], segment_ids)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, positions=positions, segment_ids=segment_ids, deterministic=deterministic)
