@@ -26,6 +26,15 @@ def _check_positive_int(field: str, value: Any) -> None:
         raise _error(field, value, "must be a positive integer")
 
 
+def _check_head_counts(num_heads: Any, num_kv_heads: Any) -> None:
+    _check_positive_int("num_heads", num_heads)
+    _check_positive_int("num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
+        raise _error(
+            "num_kv_heads", num_kv_heads, f"must divide num_heads={num_heads} (grouped-query attention)"
+        )
+
+
 def _check_conv_size(field: str, value: Any, pad_key: str) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -91,10 +100,7 @@ class MTAConfig:
 
     def check_heads(self, num_heads: int, num_kv_heads: int) -> None:
         """Checks the options that depend on the head counts."""
-        _check_positive_int("num_heads", num_heads)
-        _check_positive_int("num_kv_heads", num_kv_heads)
-        if num_heads % num_kv_heads:
-            raise _error("num_kv_heads", num_kv_heads, f"must divide num_heads={num_heads} (grouped-query)")
+        _check_head_counts(num_heads, num_kv_heads)
         for field in ("pre_head_mix", "post_head_mix"):
             group = getattr(self, field)
             if group is not None and num_heads % group:
@@ -154,14 +160,8 @@ class ModelConfig:
                     "num_heads", self.num_heads, f"must divide dim={self.dim} when head_dim is unset"
                 )
             object.__setattr__(self, "head_dim", self.dim // self.num_heads)
-        _check_positive_int("num_kv_heads", self.num_kv_heads)
+        _check_head_counts(self.num_heads, self.num_kv_heads)
         _check_positive_int("head_dim", self.head_dim)
-        if self.num_heads % self.num_kv_heads:
-            raise _error(
-                "num_kv_heads",
-                self.num_kv_heads,
-                f"must divide num_heads={self.num_heads} (grouped-query attention)",
-            )
         if self.rope_style not in ROPE_STYLES:
             raise _error("rope_style", self.rope_style, f"must be one of {ROPE_STYLES}")
         if self.head_dim % 2:
