@@ -18,9 +18,23 @@ from mta_jax.rope import apply_rope
 MTA_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(MTAParams))
 
 
-def truncated_normal(std: float) -> nnx.Initializer:
-    """Normal(0, std) truncated at +-3 std: torch's trunc_normal_(std=s, a=-3s, b=3s)."""
-    return jax.nn.initializers.truncated_normal(std, lower=-3.0, upper=3.0)
+def truncated_normal(std: float, *axes: str) -> nnx.Initializer:
+    """Normal(0, std) truncated at +-3 std: torch's trunc_normal_(std=s, a=-3s, b=3s).
+
+    axes: logical axis names of the parameter (see LOGICAL_AXES), kept as metadata for sharding.
+    """
+    init = jax.nn.initializers.truncated_normal(std, lower=-3.0, upper=3.0)
+    return partitioned(init, *axes) if axes else init
+
+
+# Logical axes of the model's matrices. They are inert metadata here (no mesh needed); the training
+# code maps them to mesh axes with its rules (train/mesh.py). Unnamed parameters are replicated.
+LOGICAL_AXES = ("embed", "q_heads", "kv_heads", "mlp", "vocab")
+
+
+def partitioned(init: nnx.Initializer, *axes: str) -> nnx.Initializer:
+    """init with logical axis names for each dimension, applied only when asked (not eagerly)."""
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
 
 
 def RMSNorm(
@@ -37,9 +51,9 @@ class SwiGLU(nnx.Module):
         linear = functools.partial(
             nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-        self.w1 = linear(dim, hidden_dim, kernel_init=truncated_normal(dim**-0.5))
-        self.w3 = linear(dim, hidden_dim, kernel_init=truncated_normal(dim**-0.5))
-        self.w2 = linear(hidden_dim, dim, kernel_init=truncated_normal(hidden_dim**-0.5))
+        self.w1 = linear(dim, hidden_dim, kernel_init=truncated_normal(dim**-0.5, "embed", "mlp"))
+        self.w3 = linear(dim, hidden_dim, kernel_init=truncated_normal(dim**-0.5, "embed", "mlp"))
+        self.w2 = linear(hidden_dim, dim, kernel_init=truncated_normal(hidden_dim**-0.5, "mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
@@ -87,13 +101,13 @@ class MultiTokenAttention(nnx.Module):
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
-            kernel_init=truncated_normal(std),
             rngs=rngs,
         )
-        self.wq = linear(dim, self.num_heads * self.head_dim)
-        self.wk = linear(dim, self.num_kv_heads * self.head_dim)
-        self.wv = linear(dim, self.num_kv_heads * self.head_dim)
-        self.wo = linear(self.num_heads * self.head_dim, dim)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.wq = linear(dim, q_size, kernel_init=truncated_normal(std, "embed", "q_heads"))
+        self.wk = linear(dim, kv_size, kernel_init=truncated_normal(std, "embed", "kv_heads"))
+        self.wv = linear(dim, kv_size, kernel_init=truncated_normal(std, "embed", "kv_heads"))
+        self.wo = linear(q_size, dim, kernel_init=truncated_normal(std, "q_heads", "embed"))
 
         params = init_mta_params(
             self.mta, self.num_heads, self.head_dim, rngs.params(), gate_std=std, dtype=param_dtype

@@ -3,6 +3,8 @@
 It runs the NNX layer (mta_jax.layers.MultiTokenAttention) through flax's nnx.bridge, so both faces
 share one implementation; the parameters sit under "attention":
 {"attention": {"wq": {"kernel"}, "wk", "wv", "wo", "pre_conv", "post_conv", "pre_head_mix", ...}}.
+The projection matrices come boxed with their logical axes ("embed", "q_heads", "kv_heads"), so
+nn.get_partition_spec(variables) and nn.logical_to_mesh_sharding work; nn.unbox(variables) gives arrays.
 
     attn = MultiTokenAttention(dim=512, num_heads=8, mta=MTAConfig(pre_conv=(6, 11)))
     variables = attn.init(jax.random.key(0), x)           # x: [B, T, dim]

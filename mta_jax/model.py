@@ -53,13 +53,13 @@ class MTATransformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        init = truncated_normal(cfg.dim**-0.5)
+        std = cfg.dim**-0.5
         self.tok_embeddings = nnx.Embed(
             cfg.vocab_size,
             cfg.dim,
             dtype=dtype,
             param_dtype=param_dtype,
-            embedding_init=init,
+            embedding_init=truncated_normal(std, "vocab", "embed"),
             rngs=rngs,
         )
         self.layers = nnx.List([DecoderBlock(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
@@ -73,7 +73,7 @@ class MTATransformer(nnx.Module):
                 use_bias=False,
                 dtype=dtype,
                 param_dtype=param_dtype,
-                kernel_init=init,
+                kernel_init=truncated_normal(std, "embed", "vocab"),
                 rngs=rngs,
             )
         )

@@ -4,7 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from mta_jax.config import MTAConfig, swiglu_hidden_dim
 from mta_jax.layers import MultiTokenAttention, SwiGLU
@@ -123,7 +125,10 @@ def test_linen_face_equals_nnx_layer(rng):
     kwargs = dict(num_kv_heads=2, mta=cfg, layer_index=2)
     linen_layer = LinenMultiTokenAttention(32, 4, **kwargs)
     x = jnp.asarray(rng.standard_normal((2, 9, 32)), jnp.float32)
-    params = linen_layer.init(jax.random.key(0), x)["params"]
+    boxed = linen_layer.init(jax.random.key(0), x)["params"]
+    # Matrices come boxed with their logical axes (for nn.get_partition_spec); values via nn.unbox.
+    assert nn.get_partition_spec(boxed)["attention"]["wq"]["kernel"] == P("embed", "q_heads")
+    params = nn.unbox(boxed)
     # Random (non-identity) MTA parameters, then the same values in the NNX layer.
     random = random_mta_params(cfg, 4, 8, rng)
     attention = dict(params["attention"])
