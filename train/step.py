@@ -1,0 +1,119 @@
+"""The jitted train and eval steps.
+
+A batch is a dict of [B, T] arrays: inputs, targets, weights, segment_ids, positions (train/data.py).
+The loss is sum(weights * cross_entropy) / sum(weights) over the whole global batch, so accumulating
+over microbatches (sums of unnormalised losses and gradients, divided once at the end) is the same
+step as one pass over the whole batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+def weighted_loss_sum(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token cross-entropies, sum of weights) for one batch."""
+    logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    weights = batch["weights"].astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def _model(graphdef, params, rest, rng, *, train: bool):
+    model = nnx.merge(graphdef, nnx.State(params), rest)
+    if train:
+        nnx.reseed(model, dropout=rng)
+        model.train()
+    else:
+        model.eval()
+    return model
+
+
+def _split_microbatches(batch: dict, count: int) -> dict:
+    """[B, T] -> [count, B / count, T], microbatch m holding rows m, m + count, ... so every device
+    keeps a share of every microbatch (rows stay on their data-parallel shard)."""
+
+    def split(x):
+        rows = x.shape[0] // count
+        return jnp.swapaxes(x.reshape(rows, count, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, microbatches: int):
+    """train_step(state, batch) -> (state, metrics) for jax.jit; metrics: loss, grad_norm, lr, tokens."""
+
+    def train_step(state: dict, batch: dict):
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+        def loss_sum(params, micro, index):
+            model = _model(graphdef, params, rest, jax.random.fold_in(step_key, index), train=True)
+            return weighted_loss_sum(model, micro)
+
+        grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+        if microbatches == 1:
+            (loss, weight), grads = grad_fn(state["params"], batch, 0)
+        else:
+
+            def accumulate(carry, inputs):
+                index, micro = inputs
+                (loss, weight), grads = grad_fn(state["params"], micro, index)
+                total_loss, total_weight, total_grads = carry
+                total_grads = jax.tree.map(jnp.add, total_grads, grads)
+                return (total_loss + loss, total_weight + weight, total_grads), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            micro = _split_microbatches(batch, microbatches)
+            carry = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+            loss, weight, grads = jax.lax.scan(accumulate, carry, (jnp.arange(microbatches), micro))[0]
+
+        weight = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+        }
+        metrics = {
+            "loss": loss / weight,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state["step"]),
+            "tokens": weight,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, rest):
+    """eval_step(params, batch) -> (sum of weighted losses, sum of weights); no dropout."""
+
+    def eval_step(params: dict, batch: dict):
+        model = _model(graphdef, params, rest, None, train=False)
+        return weighted_loss_sum(model, batch)
+
+    return eval_step
+
+
+def jit_steps(train_step, eval_step, shardings: dict, batch_sharding, metrics_sharding):
+    """Both steps under jax.jit with explicit shardings; the train state is donated."""
+    batch_shardings = {key: batch_sharding for key in BATCH_KEYS}
+    train = jax.jit(
+        train_step,
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, metrics_sharding),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        eval_step,
+        in_shardings=(shardings["params"], batch_shardings),
+        out_shardings=metrics_sharding,
+    )
+    return train, evaluate
