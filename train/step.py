@@ -46,7 +46,8 @@ def _split_microbatches(batch: dict, count: int) -> dict:
 
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, microbatches: int):
-    """train_step(state, batch) -> (state, metrics) for jax.jit; metrics: loss, grad_norm, lr, tokens."""
+    """train_step(state, batch) -> (state, metrics) for jax.jit; metrics: loss, grad_norm (before
+    clipping), lr (of this step) and loss_tokens (the weight the loss is averaged over)."""
 
     def train_step(state: dict, batch: dict):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -83,9 +84,9 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
         }
         metrics = {
             "loss": loss / weight,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
-            "tokens": weight,
+            "loss_tokens": weight,
         }
         return new_state, metrics
 

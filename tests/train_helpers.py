@@ -1,0 +1,85 @@
+"""A tiny training config (every MTA part on, the toy task) and ways to run the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "model": {
+        "vocab_size": 31,
+        "dim": 32,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "kq_conv_layers": [1],
+        "mta": {
+            "pre_conv": [2, 3],
+            "post_conv": [2, 3],
+            "pre_head_mix": 2,
+            "post_head_mix": 2,
+            "group_norm": True,
+            "gate": "scalar",
+        },
+    },
+    "data": {"kind": "toy", "seq_len": 40, "toy_block_size": 3},
+    "optimizer": {"learning_rate": 3e-3, "warmup_steps": 2},
+    "checkpoint": {"every": 2, "keep": 3, "async_save": True},
+    "steps": 6,
+    "global_batch_size": 8,
+    "log_every": 1,
+    "eval_batches": 1,
+    "progress": False,
+}
+
+
+def write_config(directory: Path, **overrides) -> Path:
+    """TINY with top-level keys replaced, as <directory>/config.yaml; run_dir is <directory>/run."""
+    cfg = {**TINY, "run_dir": str(directory / "run"), **overrides}
+    path = directory / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli_env(devices: int = 1, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def cli(config: Path, *overrides: str, devices: int = 1, **popen) -> subprocess.Popen:
+    """`python -m train --config config overrides...` started in a subprocess."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", "--config", str(config), *overrides],
+        cwd=ROOT,
+        env=cli_env(devices, **popen.pop("env", {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
+
+
+def run_cli(config: Path, *overrides: str, devices: int = 1, timeout: float = 300) -> tuple[int, str]:
+    proc = cli(config, *overrides, devices=devices)
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> train loss from metrics.jsonl; a step logged twice (after a resume) keeps its last line."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["split"] == "train":
+            losses[record["step"]] = record["loss"]
+    return losses

@@ -1,0 +1,225 @@
+"""One training run: set up the mesh, state, data and checkpoints, resume if possible, train, evaluate.
+
+    result = train(cfg)   # cfg: train.config.TrainConfig
+
+Resumes from the newest readable checkpoint in cfg.run_dir/checkpoints (model, optimizer, step, RNG
+and data position together), so a killed run started again continues exactly. SIGTERM (preemption)
+saves a checkpoint at the next step boundary and returns cleanly. A NaN or inf loss or gradient norm
+stops the run with NonFiniteLossError, before that state is saved: the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from train import data as data_lib
+from train import flops as flops_lib
+from train.checkpoint import Checkpointer
+from train.config import TrainConfig, dump
+from train.distributed import initialize
+from train.mesh import batch_sharding, make_mesh, replicated
+from train.metrics import MetricsLogger
+from train.optim import learning_rate_schedule, make_optimizer
+from train.state import abstract_model, init_state, state_shardings
+from train.step import BATCH_KEYS, jit_steps, make_eval_step, make_train_step
+
+log = logging.getLogger("train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN or inf."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int  # the last step completed
+    losses: dict[int, float]  # train loss of every step this process ran
+    eval_loss: float | None
+    preempted: bool
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves and stops at the next step boundary. With several
+    processes, JAX's preemption sync point makes them all stop at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint at the end of this step")
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step) or self.requested
+            except RuntimeError:  # the preemption service is not running
+                pass
+        return self.requested
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(local: dict, sharding) -> dict:
+    """Per-process numpy rows -> global jax.Arrays split over the mesh's batch axes."""
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(local[key])) for key in BATCH_KEYS
+    }
+
+
+def _check_batch_layout(cfg: TrainConfig, mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = cfg.global_batch_size // cfg.microbatches
+    if rows % shards:
+        raise ValueError(
+            f"global_batch_size={cfg.global_batch_size} is invalid: each of the {cfg.microbatches} "
+            f"microbatch(es) has {rows} rows, which must divide by data x fsdp = {shards}"
+        )
+    if cfg.global_batch_size % jax.process_count():
+        raise ValueError(
+            f"global_batch_size={cfg.global_batch_size} is invalid: must divide by the "
+            f"{jax.process_count()} processes"
+        )
+
+
+def _evaluate(evaluate, params, batches, sharding) -> float:
+    total, weight = 0.0, 0.0
+    for batch in batches:
+        loss_sum, weight_sum = evaluate(params, _global_batch(batch, sharding))
+        total, weight = total + float(loss_sum), weight + float(weight_sum)
+    return total / max(weight, 1.0)
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    initialize(cfg.distributed)
+    primary = jax.process_index() == 0
+    run_dir = Path(cfg.run_dir)
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump(cfg))
+
+    vocab = data_lib.vocab_size(cfg.data)
+    if cfg.model.vocab_size < vocab:
+        raise ValueError(
+            f"model.vocab_size={cfg.model.vocab_size} is invalid: the data ({cfg.data.kind}, "
+            f"tokenizer {cfg.data.tokenizer!r}) emits {vocab} token ids"
+        )
+    mesh = make_mesh(cfg.mesh)
+    _check_batch_layout(cfg, mesh)
+    log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
+
+    tx = make_optimizer(cfg.optimizer, cfg.steps)
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
+    abstract_state, shardings = state_shardings(cfg.model, tx, mesh)
+    graphdef, _, rest = abstract_model(cfg.model)
+    train_step, evaluate = jit_steps(
+        make_train_step(graphdef, rest, tx, schedule, cfg.microbatches),
+        make_eval_step(graphdef, rest),
+        shardings,
+        batch_sharding(mesh),
+        replicated(mesh),
+    )
+
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = data_lib.train_iterator(cfg.data, cfg.global_batch_size, seed=cfg.seed, **process)
+    eval_data = data_lib.eval_batches(
+        cfg.data, cfg.global_batch_size, cfg.eval_batches, seed=cfg.seed, **process
+    )
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    restored = checkpointer.restore_latest(abstract_state, data_iter)
+    if restored is None:
+        start, state = 0, init_state(cfg.model, tx, cfg.seed, shardings)
+        log.info("starting from scratch (seed %d)", cfg.seed)
+    else:
+        start, state = restored
+        log.info("resumed from the checkpoint of step %d", start)
+
+    tokens_per_step = cfg.global_batch_size * cfg.data.seq_len
+    flops_per_token = flops_lib.training_flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = flops_lib.peak_flops(jax.devices()[0].device_kind)
+    losses: dict[int, float] = {}
+    eval_loss = None
+    step = start
+    preempted = False
+    logger = MetricsLogger(
+        run_dir, total_steps=cfg.steps, enabled=primary, progress=cfg.progress, start_step=start
+    )
+    with logger, checkpointer, _Preemption() as preemption:
+        pending = None  # (step, metrics) of the step in flight: read one step late, so as not to stall
+        window_start, window_steps = time.perf_counter(), 0
+        while step < cfg.steps:
+            batch = _global_batch(next(data_iter), batch_sharding(mesh))
+            state, metrics = train_step(state, batch)
+            step += 1
+            window_steps += 1
+            if pending is not None:
+                _record(pending, losses)
+            pending = (step, metrics)
+            must_log = step % cfg.log_every == 0 or step == cfg.steps
+            must_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+            must_stop = preemption.reached(step)
+            if must_log or must_eval or must_stop or step % cfg.checkpoint.every == 0:
+                values = _record(pending, losses)  # the state about to be saved is checked first
+                pending = None
+                if must_log:
+                    elapsed = time.perf_counter() - window_start
+                    values.update(_throughput(window_steps, elapsed, tokens_per_step, flops_per_token, peak))
+                    logger.log(step, values)
+                if must_eval:
+                    eval_loss = _evaluate(evaluate, state["params"], eval_data, batch_sharding(mesh))
+                    eval_values = {"loss": eval_loss, "bits_per_token": eval_loss / math.log(2)}
+                    logger.log(step, eval_values, split="eval")
+            checkpointer.save(step, state, data_iter, force=must_stop or step == cfg.steps)
+            if must_stop:
+                log.warning("preempted: saved step %d and stopping", step)
+                preempted = True
+                break
+            if must_log or must_eval or step == start + 1:  # time only steps: not compiling, not eval
+                jax.block_until_ready(state["step"])
+                window_start, window_steps = time.perf_counter(), 0
+        if pending is not None:
+            _record(pending, losses)
+    return RunResult(step=step, losses=losses, eval_loss=eval_loss, preempted=preempted)
+
+
+def _record(pending, losses: dict[int, float]) -> dict[str, float]:
+    step, metrics = pending
+    values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+    losses[step] = values["loss"]
+    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
+        raise NonFiniteLossError(
+            f"step {step}: loss={values['loss']} grad_norm={values['grad_norm']}; stopping. "
+            "The last checkpoint saved before this step is intact."
+        )
+    return values
+
+
+def _throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_token: float, peak) -> dict:
+    step_time = seconds / max(steps, 1)
+    tokens_per_second = tokens_per_step / step_time
+    return {
+        "tokens/s": tokens_per_second,
+        "tflop/s": tokens_per_second * flops_per_token / 1e12,
+        "mfu": flops_lib.mfu(tokens_per_second / jax.device_count(), flops_per_token, peak),  # None on CPU
+        "step_time": step_time,
+    }
