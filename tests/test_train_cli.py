@@ -1,0 +1,149 @@
+"""End-to-end runs of `python -m train` in subprocesses: resuming after SIGKILL, SIGTERM, a corrupt
+checkpoint, a checkpoint restored onto another mesh, two real processes, and the failures."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.train_helpers import cli, run_cli, train_losses, write_config
+
+
+def _wait_for_step(run_dir: Path, step: int, proc, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early:\n{proc.stdout.read()}")
+        if (run_dir / "metrics.jsonl").exists() and max(train_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def _checkpoints(run_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_a_run_killed_and_resumed_has_the_uninterrupted_loss_trajectory(tmp_path):
+    steps = ["steps=300", "checkpoint.every=20"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    code, out = run_cli(write_config(whole), *steps)
+    assert code == 0, out
+    reference = train_losses(whole / "run")
+
+    proc = cli(write_config(killed), *steps)
+    _wait_for_step(killed / "run", 50, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    seen = max(train_losses(killed / "run"))
+    assert seen < 300, "the run finished before it was killed; the test proves nothing"
+    code, out = run_cli(killed / "train.yaml", *steps)
+    assert code == 0, out
+    resumed_from = int(re.search(r"resumed from the checkpoint of step (\d+)", out).group(1))
+    assert 20 <= resumed_from <= seen and resumed_from % 20 == 0
+    assert train_losses(killed / "run") == reference  # exactly, step by step
+
+
+def test_sigterm_saves_and_exits_cleanly_then_the_run_resumes(tmp_path):
+    proc = cli(write_config(tmp_path), "steps=100000", "checkpoint.every=1000")
+    _wait_for_step(tmp_path / "run", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    stopped = int(re.search(r"preempted at step (\d+)", out).group(1))
+    assert _checkpoints(tmp_path / "run") == [stopped]
+    code, out = run_cli(tmp_path / "train.yaml", f"steps={stopped + 2}")
+    assert code == 0 and f"resumed from the checkpoint of step {stopped}" in out, out
+    assert f"finished at step {stopped + 2}" in out
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    code, out = run_cli(write_config(tmp_path))
+    assert code == 0, out
+    run_dir = tmp_path / "run"
+    reference = train_losses(run_dir)
+    assert _checkpoints(run_dir) == [2, 4, 6]
+    for path in (run_dir / "checkpoints" / "6" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    code, out = run_cli(tmp_path / "train.yaml")
+    assert code == 0, out
+    assert "6" in out and "WARNING" in out and "resumed from the checkpoint of step 4" in out, out
+    assert train_losses(run_dir) == reference
+
+
+def test_a_checkpoint_restores_onto_another_mesh(tmp_path):
+    first = ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1", "steps=4"]
+    code, out = run_cli(write_config(tmp_path), *first, devices=8)
+    assert code == 0, out
+    reference = train_losses(tmp_path / "run")
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "run", moved)
+    shutil.rmtree(moved / "checkpoints" / "4")  # as if the first run had stopped at step 2
+    other = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "steps=4", f"run_dir={moved}"]
+    code, out = run_cli(tmp_path / "train.yaml", *other, devices=8)
+    assert code == 0 and "resumed from the checkpoint of step 2" in out, out
+    assert "'data': 2, 'fsdp': 2, 'tensor': 2" in out
+    resumed = train_losses(moved)
+    assert resumed.keys() == reference.keys()
+    assert resumed == pytest.approx(reference, rel=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_losses_of_one(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    code, out = run_cli(write_config(one), devices=2)
+    assert code == 0, out
+    address = f"127.0.0.1:{_free_port()}"
+    config = write_config(two)
+    procs = [
+        cli(
+            config,
+            f"distributed.coordinator_address={address}",
+            "distributed.num_processes=2",
+            f"distributed.process_id={rank}",
+            devices=1,
+        )
+        for rank in range(2)
+    ]
+    outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(outs)
+    assert "process 1 of 2" in outs[1]
+    assert train_losses(two / "run") == pytest.approx(train_losses(one / "run"), rel=1e-5)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    path = write_config(tmp_path, optimizer={"learning_rate": 1e30, "warmup_steps": 0, "clip_norm": None})
+    code, out = run_cli(path, "checkpoint.every=1", "checkpoint.async_save=false")
+    assert code == 3, out
+    assert "error: step 2: loss=nan" in out
+    assert _checkpoints(tmp_path / "run") == [1]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.kind=text", "data.path=/no/such/corpus", "model.vocab_size=259"],
+            "data.path='/no/such/corpus' is invalid",
+        ),
+        (["model.vocab_size=8"], "model.vocab_size=8 is invalid: the data (toy"),
+        (["global_batch_size=6"], "global_batch_size=6 is invalid"),
+    ],
+)
+def test_bad_data_and_run_settings_fail_with_their_message(tmp_path, overrides, message):
+    code, out = run_cli(write_config(tmp_path), *overrides, devices=4)
+    assert code == 2 and f"error: {message}" in out, out
