@@ -8,6 +8,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd
+from jax.sharding import PartitionSpec
 
 from mta_jax.attention import multi_token_attention
 from mta_jax.config import MTAConfig
@@ -30,6 +32,17 @@ def truncated_normal(std: float, *axes: str) -> nnx.Initializer:
 # Logical axes of the model's matrices. They are inert metadata here (no mesh needed); the training
 # code maps them to mesh axes with its rules (train/mesh.py). Unnamed parameters are replicated.
 LOGICAL_AXES = ("embed", "q_heads", "kv_heads", "mlp", "vocab")
+# Logical axes of activations, used by `constrain`: hidden states are [batch, length, act_embed].
+ACTIVATION_AXES = ("batch", "length", "act_embed")
+
+
+def constrain(x: jax.Array, *axes: str) -> jax.Array:
+    """x with a sharding constraint from its logical axes, when a mesh (jax.set_mesh) and logical axis
+    rules (flax.core.spmd.logical_axis_rules) are both active; x unchanged otherwise."""
+    rules = spmd.get_logical_axis_rules()
+    if not rules or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spmd.from_sharding_rules(axes, rules)))
 
 
 def partitioned(init: nnx.Initializer, *axes: str) -> nnx.Initializer:

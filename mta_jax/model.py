@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mta_jax.config import ModelConfig
-from mta_jax.layers import MultiTokenAttention, RMSNorm, SwiGLU, truncated_normal
+from mta_jax.layers import ACTIVATION_AXES, MultiTokenAttention, RMSNorm, SwiGLU, constrain, truncated_normal
 from mta_jax.masks import default_positions
 
 
@@ -95,9 +95,10 @@ class MTATransformer(nnx.Module):
             )
         if positions is None:
             positions = default_positions(tokens.shape[1], segment_ids)
-        h = self.tok_embeddings(tokens)
+        h = constrain(self.tok_embeddings(tokens), *ACTIVATION_AXES)
         for layer in self.layers:
             h = layer(h, positions=positions, segment_ids=segment_ids, deterministic=deterministic)
+            h = constrain(h, *ACTIVATION_AXES)
         h = self.norm(h)
         logits = self.tok_embeddings.attend(h) if self.output is None else self.output(h)
         return logits.astype(jnp.float32)

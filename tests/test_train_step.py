@@ -98,15 +98,17 @@ SHARDED = textwrap.dedent(
     """
     import jax, numpy as np
     from tests.test_train_step import _setup, _batches
-    from train.mesh import MeshConfig, make_mesh
+    from train.mesh import MeshConfig, make_mesh, sharding_context
     assert jax.device_count() == 8
     batches = _batches({seed}, 3)
     def losses(mesh_cfg, devices, microbatches):
-        state, train, evaluate, _, _ = _setup(microbatches, make_mesh(mesh_cfg, devices))
+        mesh = make_mesh(mesh_cfg, devices)
+        state, train, evaluate, _, _ = _setup(microbatches, mesh)
         out = []
-        for batch in batches:
-            state, metrics = train(state, batch)
-            out.append(float(metrics["loss"]))
+        with sharding_context(mesh):  # activation constraints on, as in the training loop
+            for batch in batches:
+                state, metrics = train(state, batch)
+                out.append(float(metrics["loss"]))
         specs = {{str(leaf.sharding.spec) for leaf in jax.tree.leaves(state["params"])}}
         return out, jax.device_get(state["params"]), specs
     single, p1, _ = losses(MeshConfig(data=1), jax.devices()[:1], 1)

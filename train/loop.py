@@ -26,7 +26,7 @@ from train import flops as flops_lib
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, dump
 from train.distributed import initialize
-from train.mesh import batch_sharding, make_mesh, replicated
+from train.mesh import batch_sharding, make_mesh, replicated, sharding_context
 from train.metrics import MetricsLogger
 from train.optim import learning_rate_schedule, make_optimizer
 from train.state import abstract_model, init_state, state_shardings
@@ -164,7 +164,7 @@ def train(cfg: TrainConfig) -> RunResult:
     logger = MetricsLogger(
         run_dir, total_steps=cfg.steps, enabled=primary, progress=cfg.progress, start_step=start
     )
-    with logger, checkpointer, _Preemption() as preemption:
+    with logger, checkpointer, _Preemption() as preemption, sharding_context(mesh):
         pending = None  # (step, metrics) of the step in flight: read one step late, so as not to stall
         window_start, window_steps = time.perf_counter(), 0
         while step < cfg.steps:

@@ -2,13 +2,15 @@
 
 Parameters carry logical axis names (mta_jax/layers.py: "embed", "q_heads", "kv_heads", "mlp",
 "vocab"); LOGICAL_AXIS_RULES maps them, and the activations' "batch", onto mesh axes:
-  batch -> (data, fsdp)   every data-parallel rank holds different rows
+  batch -> (data, fsdp)   every data-parallel rank holds different rows (activations: [batch, length,
+                          act_embed], the last two unsplit)
   embed -> fsdp           parameters and optimizer state are split over the fsdp axis (ZeRO-3 style)
   heads, mlp, vocab -> tensor   Megatron-style tensor parallelism
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -26,6 +28,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 LOGICAL_AXIS_RULES = (
     ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
     ("embed", "fsdp"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -112,6 +116,15 @@ def _fit(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) ->
             axes = None
         fitted.append(axes)
     return PartitionSpec(*fitted)
+
+
+def sharding_context(mesh: Mesh):
+    """The context to trace and run the model in: the mesh and the logical axis rules, so that the
+    model's activation constraints (mta_jax.layers.constrain) take effect."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(spmd.logical_axis_rules(LOGICAL_AXIS_RULES))
+    return stack
 
 
 def param_shardings(abstract_params, mesh: Mesh):
