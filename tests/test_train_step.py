@@ -68,7 +68,7 @@ def test_loss_is_the_weighted_mean_cross_entropy(seed):
     want = (nll * batch["weights"]).sum() / batch["weights"].sum()
     _, metrics = train(state, batch)
     np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
-    assert float(metrics["loss_tokens"]) == batch["weights"].sum() > 0
+    assert float(metrics["target_tokens"]) == batch["weights"].sum() > 0
 
 
 def test_accumulating_four_microbatches_equals_one_step_on_the_whole_batch(seed):

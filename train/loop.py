@@ -219,7 +219,7 @@ def _throughput(steps: int, seconds: float, tokens_per_step: int, flops_per_toke
     tokens_per_second = tokens_per_step / step_time
     return {
         "tokens/s": tokens_per_second,
-        "tflop/s": tokens_per_second * flops_per_token / 1e12,
+        "flop/s": tokens_per_second * flops_per_token,  # model FLOPs (train/flops.py), all devices
         "mfu": flops_lib.mfu(tokens_per_second / jax.device_count(), flops_per_token, peak),  # None on CPU
         "step_time": step_time,
     }

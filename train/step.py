@@ -47,7 +47,7 @@ def _split_microbatches(batch: dict, count: int) -> dict:
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, microbatches: int):
     """train_step(state, batch) -> (state, metrics) for jax.jit; metrics: loss, grad_norm (before
-    clipping), lr (of this step) and loss_tokens (the weight the loss is averaged over)."""
+    clipping), lr (of this step) and target_tokens (the weight the loss is averaged over)."""
 
     def train_step(state: dict, batch: dict):
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
@@ -86,7 +86,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
             "loss": loss / weight,
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
-            "loss_tokens": weight,
+            "target_tokens": weight,
         }
         return new_state, metrics
 
