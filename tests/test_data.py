@@ -221,7 +221,8 @@ def test_toy_deterministic_and_resumable(seed):
 
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_toy_shards(seed, process_count):
-    """Per step, the processes' rows are disjoint and together are the one-process global batch."""
+    """Per step, process p holds rows [p*b, (p+1)*b) of the one-process global batch: the same rows in
+    the same places, so per-row randomness (dropout) does not depend on the process count."""
     global_batches = take(data.train_iterator(TOY, 8, seed=seed), 3)
     shards = [
         take(data.train_iterator(TOY, 8, seed=seed, process_index=p, process_count=process_count), 3)
@@ -234,6 +235,8 @@ def test_toy_shards(seed, process_count):
             assert shard[step]["inputs"].shape == (8 // process_count, 40)
             got.update(r.tobytes() for r in shard[step]["inputs"])
         assert got == expected and len(expected) == 8
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([shard[step][key] for shard in shards]), batch[key])
 
 
 def test_toy_eval(seed):

@@ -22,7 +22,8 @@ from train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
 from train.state import abstract_model, init_state, state_shardings
 from train.step import jit_steps, make_eval_step, make_train_step
 
-MODEL = model_config_from_dict(TINY["model"])
+# Without dropout: these tests compare steps whose dropout keys differ (microbatches, an unmasked loss).
+MODEL = model_config_from_dict({**TINY["model"], "mta": {**TINY["model"]["mta"], "dropout_rate": 0.0}})
 DATA = DataConfig(**TINY["data"])
 
 
@@ -87,7 +88,8 @@ def test_accumulating_four_microbatches_equals_one_step_on_the_whole_batch(seed)
     (losses1, params1, norm1), (losses4, params4, norm4) = results
     np.testing.assert_allclose(losses4, losses1, rtol=1e-6)
     np.testing.assert_allclose(norm4, norm1, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params4, params1)
+    # float32 sums in another order, over two steps: relative differences up to ~3e-5 were seen.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params4, params1)
     # The parameters did move: the comparison is not between two untouched initialisations.
     fresh = jax.device_get(_setup(1, mesh, tx=optax.sgd(1.0))[0]["params"])
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), params1, fresh))

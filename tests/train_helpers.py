@@ -27,6 +27,7 @@ TINY = {
             "post_head_mix": 2,
             "group_norm": True,
             "gate": "scalar",
+            "dropout_rate": 0.1,  # so that resuming must restore the dropout keys too
         },
     },
     "data": {"kind": "toy", "seq_len": 40, "toy_block_size": 3},

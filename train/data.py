@@ -332,8 +332,14 @@ def _check_batching(global_batch_size: Any, seed: Any, process_index: Any, proce
     return global_batch_size // process_count
 
 
-def _finish(ds: grain.IterDataset, cfg: DataConfig, b: int) -> grain.IterDataset:
-    """Rows -> batches of b rows, the rows made in cfg.worker_count processes if > 0 (same order)."""
+def _toy_batch(task: toy.ToyTask, seed: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """The toy samples of `indices`, stacked: each field [len(indices), T]."""
+    rows = [task.sample(seed, int(index)) for index in indices]
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def _finish(ds: grain.IterDataset, cfg: DataConfig, b: int | None) -> grain.IterDataset:
+    """Rows -> batches of b rows (None: already batched), made in cfg.worker_count processes if > 0."""
     if cfg.worker_count > 0:  # rows are made in worker processes; batches here
         from absl import flags  # a Grain dependency
 
@@ -341,7 +347,7 @@ def _finish(ds: grain.IterDataset, cfg: DataConfig, b: int) -> grain.IterDataset
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    return ds.batch(b, drop_remainder=True)
+    return ds if b is None else ds.batch(b, drop_remainder=True)
 
 
 def train_iterator(
@@ -357,8 +363,11 @@ def train_iterator(
         ds = grain.MapDataset.range(TOY_TRAIN_SIZE)
         if cfg.shuffle:
             ds = ds.shuffle(seed=seed)
-        ds = ds.repeat()[process_index::process_count].map(functools.partial(cfg.toy_task().sample, seed))
-        ds = ds.to_iter_dataset()
+        # Global batch i is samples [i*B, (i+1)*B) of the stream; process p takes rows [p*b, (p+1)*b) of it,
+        # so the global batch (and each row's place in it) is the same for any number of processes.
+        ds = ds.repeat().batch(b, drop_remainder=True)[process_index::process_count]
+        ds = ds.map(functools.partial(_toy_batch, cfg.toy_task(), seed)).to_iter_dataset()
+        return iter(_finish(ds, cfg, None))
     else:
         train_docs, _ = split_documents(cfg)
         ds = text_rows(
@@ -394,8 +403,8 @@ def eval_batches(
         raise _error("num_batches", num_batches, "must be a positive integer")
     if cfg.kind == "toy":
         ds = grain.MapDataset.range(TOY_EVAL_START, TOY_EVAL_START + num_batches * global_batch_size)
-        ds = ds[process_index::process_count].map(functools.partial(cfg.toy_task().sample, seed))
-        return [ds.batch(b)[i] for i in range(num_batches)]
+        make_batch = functools.partial(_toy_batch, cfg.toy_task(), seed)
+        return [make_batch(ds.batch(b)[process_index::process_count][i]) for i in range(num_batches)]
     _, eval_docs = split_documents(cfg)
     ds = text_rows(
         eval_docs,

@@ -25,9 +25,13 @@ def build_model(cfg: ModelConfig, seed: int) -> MTATransformer:
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, params, rest) of the model with shapes only: nothing is allocated."""
+    """(graphdef, params, rest): params with shapes only (nothing allocated); rest, the small non-parameter
+    state (dropout RNG streams, reseeded every step), as concrete arrays."""
     model = nnx.eval_shape(lambda: build_model(cfg, 0))
-    return nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):  # computed under jit, so the unused parameters are never materialised
+        rest = jax.jit(lambda: nnx.split(build_model(cfg, 0), nnx.Param, ...)[2])()
+    return graphdef, params, rest
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):

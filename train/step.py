@@ -25,7 +25,8 @@ def weighted_loss_sum(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Ar
 
 
 def _model(graphdef, params, rest, rng, *, train: bool):
-    model = nnx.merge(graphdef, nnx.State(params), rest)
+    # Fresh Variables inside the trace (from plain values), so that reseeding may set them.
+    model = nnx.merge(graphdef, nnx.State(params), nnx.State(nnx.to_pure_dict(rest)))
     if train:
         nnx.reseed(model, dropout=rng)
         model.train()
