@@ -3,6 +3,7 @@ sharded runs (8 fake CPU devices in a subprocess) against a single device."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -160,3 +161,26 @@ def test_an_optax_schedule_warms_up_then_decays():
 def test_bad_optimizer_values_are_named(field, value, message):
     with pytest.raises(ValueError, match=message):
         OptimizerConfig(**{field: value})
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_the_loss(seed):
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    batch = _batches(seed, 1)[0]
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        opt = OptimizerConfig(learning_rate=3e-3, warmup_steps=1)
+        model = model_config_from_dict({**dataclasses.asdict(MODEL), "dtype": dtype})
+        tx = make_optimizer(opt, 3)
+        _, shardings = state_shardings(model, tx, mesh)
+        graphdef, _, rest = abstract_model(model)
+        train, _ = jit_steps(
+            make_train_step(graphdef, rest, tx, learning_rate_schedule(opt, 3), 1),
+            make_eval_step(graphdef, rest),
+            shardings,
+            batch_sharding(mesh),
+            replicated(mesh),
+        )
+        state, metrics = train(init_state(model, tx, 0, shardings), batch)
+        assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {jnp.dtype(jnp.float32)}
+        losses[dtype] = float(metrics["loss"])
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
