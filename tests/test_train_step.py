@@ -48,9 +48,9 @@ def _batches(seed: int, count: int, batch: int = 8) -> list[dict]:
     return [next(it) for _ in range(count)]
 
 
-def test_loss_is_the_weighted_mean_cross_entropy(seed):
+def test_loss_and_eval_sums_match_an_independent_computation(seed):
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    state, train, _, graphdef, rest = _setup(1, mesh)
+    state, train, evaluate, graphdef, rest = _setup(1, mesh)
     batch = _batches(seed, 1)[0]
     model = nnx.merge(graphdef, nnx.State(jax.device_get(state["params"])), rest)
     logits = np.asarray(
@@ -68,9 +68,15 @@ def test_loss_is_the_weighted_mean_cross_entropy(seed):
     )
     nll = -np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     want = (nll * batch["weights"]).sum() / batch["weights"].sum()
+    sums = jax.device_get(evaluate(state["params"], batch))
     _, metrics = train(state, batch)
     np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
     assert float(metrics["target_tokens"]) == batch["weights"].sum() > 0
+    # The eval sums: the same loss, and argmax accuracy / wrong rows counted here by hand.
+    np.testing.assert_allclose(sums["loss"] / sums["weight"], want, rtol=1e-5)
+    wrong = (logits.argmax(-1) != batch["targets"]) & (batch["weights"] > 0)
+    assert sums["correct"] == (batch["weights"] * ~wrong).sum()
+    assert sums["wrong_rows"] == wrong.any(-1).sum() and sums["rows"] == (batch["weights"] > 0).any(-1).sum()
 
 
 def test_accumulating_four_microbatches_equals_one_step_on_the_whole_batch(seed):

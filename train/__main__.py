@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     status = "preempted" if result.preempted else "finished"
     eval_text = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"
+    if result.eval_metrics and "sequence_error" in result.eval_metrics:
+        eval_text += f", sequence error {100 * result.eval_metrics['sequence_error']:.1f}%"
     print(f"{status} at step {result.step}{eval_text}; run directory {cfg.run_dir}", flush=True)
     return 0
 

@@ -45,6 +45,7 @@ class RunResult:
     losses: dict[int, float]  # train loss of every step this process ran
     eval_loss: float | None
     preempted: bool
+    eval_metrics: dict[str, float] | None = None  # the last evaluation: loss, accuracy, sequence_error (toy)
 
 
 class _Preemption:
@@ -101,12 +102,22 @@ def _check_batch_layout(cfg: TrainConfig, mesh) -> None:
         )
 
 
-def _evaluate(evaluate, params, batches, sharding) -> float:
-    total, weight = 0.0, 0.0
+def _evaluate(evaluate, params, batches, sharding, *, toy: bool) -> dict[str, float]:
+    """Held-out loss (nats per target token), bits per token, token accuracy; for the toy task also
+    the teacher-forced sequence error (the paper's Table 1 metric)."""
+    sums: dict[str, float] = {}
     for batch in batches:
-        loss_sum, weight_sum = evaluate(params, _global_batch(batch, sharding))
-        total, weight = total + float(loss_sum), weight + float(weight_sum)
-    return total / max(weight, 1.0)
+        for name, value in jax.device_get(evaluate(params, _global_batch(batch, sharding))).items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    loss = sums["loss"] / max(sums["weight"], 1.0)
+    values = {
+        "loss": loss,
+        "bits_per_token": loss / math.log(2),
+        "accuracy": sums["correct"] / max(sums["weight"], 1.0),
+    }
+    if toy:
+        values["sequence_error"] = sums["wrong_rows"] / max(sums["rows"], 1.0)
+    return values
 
 
 def train(cfg: TrainConfig) -> RunResult:
@@ -158,7 +169,7 @@ def train(cfg: TrainConfig) -> RunResult:
     flops_per_token = flops_lib.training_flops_per_token(cfg.model, cfg.data.seq_len)
     peak = flops_lib.peak_flops(jax.devices()[0].device_kind)
     losses: dict[int, float] = {}
-    eval_loss = None
+    eval_loss, eval_values = None, None
     step = start
     preempted = False
     logger = MetricsLogger(
@@ -186,8 +197,11 @@ def train(cfg: TrainConfig) -> RunResult:
                     values.update(_throughput(window_steps, elapsed, tokens_per_step, flops_per_token, peak))
                     logger.log(step, values)
                 if must_eval:
-                    eval_loss = _evaluate(evaluate, state["params"], eval_data, batch_sharding(mesh))
-                    eval_values = {"loss": eval_loss, "bits_per_token": eval_loss / math.log(2)}
+                    toy = cfg.data.kind == "toy"
+                    eval_values = _evaluate(
+                        evaluate, state["params"], eval_data, batch_sharding(mesh), toy=toy
+                    )
+                    eval_loss = eval_values["loss"]
                     logger.log(step, eval_values, split="eval")
             checkpointer.save(step, state, data_iter, force=must_stop or step == cfg.steps)
             if must_stop:
@@ -199,7 +213,7 @@ def train(cfg: TrainConfig) -> RunResult:
                 window_start, window_steps = time.perf_counter(), 0
         if pending is not None:
             _record(pending, losses)
-    return RunResult(step=step, losses=losses, eval_loss=eval_loss, preempted=preempted)
+    return RunResult(step, losses, eval_loss, preempted, eval_values)
 
 
 def _record(pending, losses: dict[int, float]) -> dict[str, float]:

@@ -95,11 +95,23 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, schedule, 
 
 
 def make_eval_step(graphdef, rest):
-    """eval_step(params, batch) -> (sum of weighted losses, sum of weights); no dropout."""
+    """eval_step(params, batch) -> sums over the batch, no dropout: loss (weighted cross-entropy),
+    weight, correct (weighted tokens whose argmax is the target), wrong_rows (rows with a wrong weighted
+    token: the teacher-forced sequence error of the toy task) and rows (rows with any weight)."""
 
     def eval_step(params: dict, batch: dict):
         model = _model(graphdef, params, rest, None, train=False)
-        return weighted_loss_sum(model, batch)
+        logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        weights = batch["weights"].astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        wrong = (jnp.argmax(logits, axis=-1) != batch["targets"]) & (weights > 0)
+        return {
+            "loss": jnp.sum(losses * weights),
+            "weight": jnp.sum(weights),
+            "correct": jnp.sum(jnp.where(wrong, 0.0, weights)),
+            "wrong_rows": jnp.sum(jnp.any(wrong, axis=-1)),
+            "rows": jnp.sum(jnp.any(weights > 0, axis=-1)),
+        }
 
     return eval_step
 
