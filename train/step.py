@@ -16,11 +16,16 @@ from flax import nnx
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
 
-def weighted_loss_sum(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
-    """(sum of weighted token cross-entropies, sum of weights) for one batch."""
+def token_losses(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(logits [B, T, V], cross-entropy [B, T], weights [B, T] float32) for one batch."""
     logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    weights = batch["weights"].astype(jnp.float32)
+    return logits, losses, batch["weights"].astype(jnp.float32)
+
+
+def weighted_loss_sum(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted token cross-entropies, sum of weights) for one batch."""
+    _, losses, weights = token_losses(model, batch)
     return jnp.sum(losses * weights), jnp.sum(weights)
 
 
@@ -100,10 +105,7 @@ def make_eval_step(graphdef, rest):
     token: the teacher-forced sequence error of the toy task) and rows (rows with any weight)."""
 
     def eval_step(params: dict, batch: dict):
-        model = _model(graphdef, params, rest, None, train=False)
-        logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-        weights = batch["weights"].astype(jnp.float32)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        logits, losses, weights = token_losses(_model(graphdef, params, rest, None, train=False), batch)
         wrong = (jnp.argmax(logits, axis=-1) != batch["targets"]) & (weights > 0)
         return {
             "loss": jnp.sum(losses * weights),
