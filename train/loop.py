@@ -173,7 +173,11 @@ def train(cfg: TrainConfig) -> RunResult:
     step = start
     preempted = False
     logger = MetricsLogger(
-        run_dir, total_steps=cfg.steps, enabled=primary, progress=cfg.progress, start_step=start
+        run_dir,
+        total_steps=cfg.steps,
+        enabled=primary,
+        progress=cfg.progress,
+        start_step=min(start, cfg.steps),
     )
     with logger, checkpointer, _Preemption() as preemption, sharding_context(mesh):
         pending = None  # (step, metrics) of the step in flight: read one step late, so as not to stall
