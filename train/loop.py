@@ -140,8 +140,8 @@ def train(cfg: TrainConfig) -> RunResult:
 
     tx = make_optimizer(cfg.optimizer, cfg.steps)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
-    abstract_state, shardings = state_shardings(cfg.model, tx, mesh)
-    graphdef, _, rest = abstract_model(cfg.model)
+    graphdef, abstract_params, rest = abstract_model(cfg.model)
+    abstract_state, shardings = state_shardings(cfg.model, tx, mesh, abstract_params)
     train_step, evaluate = jit_steps(
         make_train_step(graphdef, rest, tx, schedule, cfg.microbatches),
         make_eval_step(graphdef, rest),

@@ -34,9 +34,13 @@ def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State, nnx.State
     return graphdef, params, rest
 
 
-def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh):
-    """(abstract state with shardings attached, tree of shardings) for the state dict above."""
-    _, abstract_params, _ = abstract_model(cfg)
+def state_shardings(
+    cfg: ModelConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, abstract_params=None
+):
+    """(abstract state with shardings attached, tree of shardings) for the state dict above.
+    abstract_params: the params of abstract_model(cfg), when the caller already has them."""
+    if abstract_params is None:
+        _, abstract_params, _ = abstract_model(cfg)
     params_sharding = param_shardings(abstract_params, mesh)
     params_shapes = nnx.to_pure_dict(abstract_params)
     opt_shapes = jax.eval_shape(tx.init, params_shapes)
