@@ -1,0 +1,168 @@
+"""kernels/tpu_core.py: values and gradients against core_reference (Mosaic interpret mode on CPU), lowering
+for TPU at the default block sizes, and the block-size errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.core_reference import core_reference
+from kernels.tpu_core import mta_core_tpu
+
+# (name, shape and options); blocks of 128 give several tiles where T or S is 256.
+CASES = {
+    "g1_causal_gqa_band": dict(heads=2, kv_heads=1, slabs=2, q_len=128, kv_len=128, width=4, causal=True),
+    "g1_noncausal_tall": dict(heads=1, kv_heads=1, slabs=1, q_len=256, kv_len=128, width=8, causal=False),
+    "pre_bottom_right": dict(
+        heads=2, kv_heads=1, slabs=1, q_len=128, kv_len=256, width=3, causal=True, pre=2
+    ),
+    "pre_post_nocausal_noband": dict(
+        heads=2, kv_heads=2, slabs=1, q_len=128, kv_len=128, causal=False, pre=2, post=2
+    ),
+    "pre2_post4_gqa": dict(
+        heads=4, kv_heads=2, slabs=1, q_len=128, kv_len=256, width=2, causal=True, pre=2, post=4
+    ),
+}
+BF16_CASE = dict(heads=2, kv_heads=1, slabs=2, q_len=128, kv_len=128, width=5, causal=True, pre=2, post=2)
+
+
+def _segments(rng: np.random.Generator, batch: int, length: int) -> jax.Array:
+    """Random contiguous segment ids: a cumulative sum of random 0/1 segment starts."""
+    return jnp.asarray(np.cumsum(rng.random((batch, length)) < 0.03, axis=1), jnp.int32)
+
+
+def _inputs(
+    rng, heads, kv_heads, slabs, q_len, kv_len, causal, width=0, pre=0, post=0, batch=2, dk=16, dim=8
+):
+    def normal(*shape, scale=0.5):
+        return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
+
+    q_seg = _segments(rng, batch, q_len)
+    kv_seg = q_seg if q_len == kv_len else _segments(rng, batch, kv_len)
+    return dict(
+        qp=normal(batch, heads, slabs, q_len, dk),
+        kp=normal(batch, heads, slabs, kv_len, dk),
+        v=normal(batch, kv_heads, kv_len, dim),
+        band=normal(batch, heads, q_len, width) if width else None,
+        pre_mix=normal(heads // pre, pre, pre) if pre else None,
+        post_mix=normal(heads // post, post, post) if post else None,
+        segs=(q_seg, kv_seg),
+        causal=causal,
+    )
+
+
+def _check(inputs: dict, dtype, rtol: float) -> None:
+    """Values and all gradients (vjp with a random cotangent) of the kernel against core_reference."""
+    q_seg, kv_seg = inputs["segs"]
+    causal = inputs["causal"]
+    names = ("qp", "kp", "v", "band", "pre_mix", "post_mix")
+    args = [inputs[n] for n in names]
+    args[:3] = [a.astype(dtype) for a in args[:3]]
+
+    def kernel(qp, kp, v, band, pre_mix, post_mix):
+        return mta_core_tpu(
+            qp,
+            kp,
+            v,
+            band,
+            q_seg,
+            kv_seg,
+            pre_mix,
+            post_mix,
+            causal=causal,
+            block_q=128,
+            block_k=128,
+            interpret=True,
+        )
+
+    def reference(qp, kp, v, band, pre_mix, post_mix):
+        return core_reference(qp, kp, v, band, q_seg, kv_seg, pre_mix, post_mix, causal=causal)[0]
+
+    out, kernel_vjp = jax.vjp(kernel, *args)
+    want, reference_vjp = jax.vjp(reference, *args)
+    assert out.dtype == jnp.float32 and out.shape == want.shape
+    np.testing.assert_allclose(out, want, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(want))))
+    cotangent = jnp.asarray(np.random.default_rng(0).standard_normal(out.shape), jnp.float32)
+    for name, got, exp in zip(names, kernel_vjp(cotangent), reference_vjp(cotangent), strict=True):
+        if exp is None:
+            assert got is None, name
+            continue
+        got, exp = np.asarray(got, np.float32), np.asarray(exp, np.float32)
+        scale = float(np.max(np.abs(exp))) or 1.0
+        np.testing.assert_allclose(got, exp, rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference_f32(case, rng):
+    _check(_inputs(rng, **CASES[case]), jnp.float32, 1e-4)
+
+
+def test_matches_reference_bf16(rng):
+    _check(_inputs(rng, **BF16_CASE), jnp.bfloat16, 2e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(block_q=96), "block_q=96"),
+        (dict(block_k=96), "block_k=96"),
+        (dict(block_q=64), "block_q=64"),  # divides T = 256 but is neither a multiple of 128 nor T
+        (dict(block_k=200), "block_k=200"),
+    ],
+)
+def test_bad_blocks(kwargs, match):
+    batch, heads, q_len = 1, 2, 256
+    qp = jnp.zeros((batch, heads, 1, q_len, 8))
+    v = jnp.zeros((batch, heads, q_len, 8))
+    seg = jnp.zeros((batch, q_len), jnp.int32)
+    with pytest.raises(ValueError, match=match):
+        mta_core_tpu(qp, qp, v, None, seg, seg, None, None, causal=True, interpret=True, **kwargs)
+
+
+def test_band_wider_than_block():
+    batch, heads, q_len = 1, 1, 128
+    qp = jnp.zeros((batch, heads, 1, q_len, 8))
+    seg = jnp.zeros((batch, q_len), jnp.int32)
+    band = jnp.zeros((batch, heads, q_len, 129))
+    with pytest.raises(ValueError, match="W=129"):
+        mta_core_tpu(qp, qp, qp[:, :, 0], band, seg, seg, None, None, causal=True, interpret=True)
+
+
+def test_uneven_mix_groups():
+    batch, heads, q_len = 1, 6, 128
+    qp = jnp.zeros((batch, heads, 1, q_len, 8))
+    seg = jnp.zeros((batch, q_len), jnp.int32)
+    pre, post = jnp.zeros((3, 2, 2)), jnp.zeros((2, 3, 3))
+    with pytest.raises(ValueError, match="multiple"):
+        mta_core_tpu(qp, qp, qp[:, :, 0], None, seg, seg, pre, post, causal=True, interpret=True)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_lowers_for_tpu(dim):
+    """Forward and forward+backward at the default blocks export for TPU as Mosaic custom calls."""
+    batch, heads, kv_heads, slabs, q_len, width, group = 1, 16, 4, 6, 2048, 10, 4
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    sds = jax.ShapeDtypeStruct
+    args = (
+        sds((batch, heads, slabs, q_len, dim), bf16),
+        sds((batch, heads, slabs, q_len, dim), bf16),
+        sds((batch, kv_heads, q_len, dim), bf16),
+        sds((batch, heads, q_len, width), f32),
+        sds((batch, q_len), jnp.int32),
+        sds((batch, q_len), jnp.int32),
+        sds((heads // group, group, group), f32),
+        sds((heads // group, group, group), f32),
+    )
+
+    def forward(*a):
+        return mta_core_tpu(*a, causal=True)
+
+    def loss(qp, kp, v, band, q_seg, kv_seg, pre, post):
+        return jnp.sum(forward(qp, kp, v, band, q_seg, kv_seg, pre, post) ** 2)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 6, 7))
+    for fn in (forward, grad):
+        text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+        assert "tpu_custom_call" in text
