@@ -3,6 +3,8 @@ for TPU at the default block sizes, and the block-size errors."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,18 +16,15 @@ from kernels.tpu_core import mta_core_tpu
 # (name, shape and options); blocks of 128 give several tiles where T or S is 256.
 CASES = {
     "g1_causal_gqa_band": dict(heads=2, kv_heads=1, slabs=2, q_len=128, kv_len=128, width=4, causal=True),
-    "g1_noncausal_tall": dict(heads=1, kv_heads=1, slabs=1, q_len=256, kv_len=128, width=8, causal=False),
+    "g1_noncausal_tall_noband": dict(heads=1, kv_heads=1, slabs=1, q_len=256, kv_len=128, causal=False),
     "pre_bottom_right": dict(
         heads=2, kv_heads=1, slabs=1, q_len=128, kv_len=256, width=3, causal=True, pre=2
-    ),
-    "pre_post_nocausal_noband": dict(
-        heads=2, kv_heads=2, slabs=1, q_len=128, kv_len=128, causal=False, pre=2, post=2
     ),
     "pre2_post4_gqa": dict(
         heads=4, kv_heads=2, slabs=1, q_len=128, kv_len=256, width=2, causal=True, pre=2, post=4
     ),
 }
-BF16_CASE = dict(heads=2, kv_heads=1, slabs=2, q_len=128, kv_len=128, width=5, causal=True, pre=2, post=2)
+BF16_CASE = dict(heads=2, kv_heads=1, slabs=2, q_len=128, kv_len=128, width=5, causal=False)
 
 
 def _segments(rng: np.random.Generator, batch: int, length: int) -> jax.Array:
@@ -80,12 +79,21 @@ def _check(inputs: dict, dtype, rtol: float) -> None:
     def reference(qp, kp, v, band, pre_mix, post_mix):
         return core_reference(qp, kp, v, band, q_seg, kv_seg, pre_mix, post_mix, causal=causal)[0]
 
-    out, kernel_vjp = jax.vjp(kernel, *args)
-    want, reference_vjp = jax.vjp(reference, *args)
+    batch, heads, _, q_len, _ = args[0].shape
+    cotangent = jnp.asarray(
+        np.random.default_rng(0).standard_normal((batch, heads, q_len, args[2].shape[-1]))
+    )
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def value_and_vjp(fn, args, cotangent):  # one compilation each: eager mode would compile every glue op
+        out, fn_vjp = jax.vjp(fn, *args)
+        return out, fn_vjp(cotangent.astype(jnp.float32))
+
+    out, grads = value_and_vjp(kernel, args, cotangent)
+    want, want_grads = value_and_vjp(reference, args, cotangent)
     assert out.dtype == jnp.float32 and out.shape == want.shape
     np.testing.assert_allclose(out, want, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(want))))
-    cotangent = jnp.asarray(np.random.default_rng(0).standard_normal(out.shape), jnp.float32)
-    for name, got, exp in zip(names, kernel_vjp(cotangent), reference_vjp(cotangent), strict=True):
+    for name, got, exp in zip(names, grads, want_grads, strict=True):
         if exp is None:
             assert got is None, name
             continue
