@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -447,6 +448,49 @@ def _specs(cfg: _Config, kv_major: bool):
     }
 
 
+# Matrix-unit FLOP per score and head in units of (C * Dk, D): QK^T recomputations, products with v / dout.
+_MXU_TERMS = {"fwd": (1, 1), "lse": (1, 0), "fwd_post": (1, 1), "delta": (1, 1), "dq": (2, 1), "dkv": (2, 2)}
+VMEM_LIMIT_CAP = 64 * 2**20  # below the physical VMEM of v5e / v6e (128 MiB) and v5p (95 MiB)
+
+
+def _tiles_run(cfg: _Config) -> int:
+    """Number of (q tile, kv tile) pairs the kernels compute (causal skipping included)."""
+    if not cfg.causal:
+        return cfg.num_q * cfg.num_k
+    total = 0
+    for qi in range(cfg.num_q):
+        row = qi * cfg.block_q + cfg.block_q - 1 + cfg.shift
+        total += 0 if row < 0 else min(row // cfg.block_k, cfg.num_k - 1) + 1
+    return total
+
+
+def _cost(mode: str, cfg: _Config, batch: int, qp_shape, dim: int, arrays) -> pl.CostEstimate:
+    """FLOP / transcendental / byte estimate of one kernel for XLA's scheduler."""
+    scores = batch * cfg.heads * _tiles_run(cfg) * cfg.block_q * cfg.block_k
+    qk_terms, v_terms = _MXU_TERMS[mode]
+    flops = 2 * scores * (qk_terms * qp_shape[2] * qp_shape[4] + v_terms * dim)
+    flops += 2 * scores * (cfg.pre_size + cfg.post_size)  # head mixing on the vector unit
+    nbytes = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays)
+    return pl.CostEstimate(flops=int(flops), transcendentals=int(scores), bytes_accessed=int(nbytes))
+
+
+def _padded_bytes(shape, dtype) -> int:
+    """VMEM bytes of a block: last dim padded to 128 lanes, second-last to 8 sublanes."""
+    dims = [d for d in shape if d is not None] or [1]
+    dims[-1] = -(-dims[-1] // LANES) * LANES
+    if len(dims) > 1:
+        dims[-2] = -(-dims[-2] // SUBLANES) * SUBLANES
+    return math.prod(dims) * jnp.dtype(dtype).itemsize
+
+
+def _vmem_limit(cfg: _Config, blocks, scratch) -> int:
+    """Scoped VMEM to ask for: double-buffered blocks, scratch and ~8 live f32 score tiles per head."""
+    need = sum(2 * _padded_bytes(shape, dtype) for shape, dtype in blocks)
+    need += sum(_padded_bytes(shape, dtype) for shape, dtype in scratch)
+    need += 8 * cfg.group * cfg.block_q * cfg.block_k * 4
+    return int(min(max(need * 5 // 4, 32 * 2**20), VMEM_LIMIT_CAP))
+
+
 _SPEC_KIND = {
     "lse": "q_rows",
     "delta": "q_rows",
@@ -475,6 +519,13 @@ def _call(mode: str, cfg: _Config, inputs: dict, outputs: dict, scratch: dict):
     grid = (batch, cfg.heads // cfg.group, outer, inner)
     names = tuple(inputs) + tuple(outputs) + tuple(scratch)
     kernel = functools.partial(_kernel, mode=mode, cfg=cfg, names=names)
+    arrays = [*inputs.values(), *outputs.values()]
+    blocks = [
+        (spec.block_shape, a.dtype)
+        for spec, a in zip(in_specs + out_specs, arrays, strict=True)
+        if spec.block_shape
+    ]
+    dim = inputs["v"].shape[-1] if "v" in inputs else 0
     results = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -486,8 +537,10 @@ def _call(mode: str, cfg: _Config, inputs: dict, outputs: dict, scratch: dict):
         ),
         out_shape=list(outputs.values()),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+            vmem_limit_bytes=_vmem_limit(cfg, blocks, scratch.values()),
         ),
+        cost_estimate=_cost(mode, cfg, batch, inputs["qp"].shape, dim, arrays),
         interpret=cfg.interpret,
         name=f"mta_core_{mode}",
     )(*inputs.values())
@@ -637,10 +690,12 @@ def mta_core_tpu(
     [B, T] / [B, S] int32, pre_mix / post_mix [H / c, c, c] (in, out) or None. Differentiable in qp, kp, v,
     band, pre_mix and post_mix. Blocks are clipped to T / S; they must divide them (the caller pads).
 
-    Default blocks 256 x 256 (not 512): a program keeps the score tiles of a whole head group live (G up to 4,
-    and s, z, P, dP copies of each in the backward), i.e. ~G * 4 * 256 * 256 * 4 B = 4 MiB at G = 4, inside
-    v5e's 16 MiB default scoped VMEM next to the double-buffered C-slab qp / kp blocks; 512 tiles would need
-    4x that. 256 still fills the 128 x 128 (v5e) and 256 x 256 (v6e) matrix units.
+    Default blocks 256 x 256 (not 512): a program keeps the f32 score tiles of a whole head group live
+    (G up to 4; s, z, P, dP, dz, ds in the backward: ~8 MiB at 256) next to double-buffered C-slab qp / kp
+    blocks and the dq / dk accumulators. At G = 4, C = 6, D = 128 the backward kernels need ~26 MiB of VMEM
+    (vmem_limit_bytes is raised to fit); 512 x 512 would need ~60 MiB, with no slack under v5p's 95 MiB.
+    256 still fills the 128 x 128 (v5e) and 256 x 256 (v6e) matrix units, and the kv stream per q tile has
+    ~block_q = 256 FLOP/byte, about v5e's 240 FLOP/byte ridge point.
     """
     batch, heads, n_slabs, q_len, _ = qp.shape
     kv_len = kp.shape[3]
