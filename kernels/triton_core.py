@@ -245,35 +245,39 @@ def _band_bias(cfg: _Cfg, offsets, band_rows) -> jax.Array:
     return bias
 
 
-def _scores(cfg: _Cfg, load_q, load_k, band_row, offsets, with_band: bool) -> list[jax.Array]:
-    """The G raw score tiles s[a] [bq, bk] float32 (QK over C slabs, minus the band on band tiles)."""
+def _scores(cfg: _Cfg, load_q, load_k, band_row, offsets, in_band) -> list[jax.Array]:
+    """The G raw score tiles s[a] [bq, bk] float32: QK over C slabs, minus the band where in_band.
+
+    in_band: False (no band at all) or a traced bool, true on the tiles the band touches.
+    """
     scores = []
     for a in range(cfg.group):
         s = None
         for c in range(cfg.slabs):
             part = pltriton.dot(load_q(a, c), load_k(a, c), trans_b=True)
             s = part if s is None else s + part
-        if with_band:
-            s = s - _band_bias(cfg, offsets, [band_row(a, d) for d in range(cfg.width)])
         scores.append(s)
-    return scores
+    if in_band is False:
+        return scores
 
+    def biases():
+        return tuple(
+            _band_bias(cfg, offsets, [band_row(a, d) for d in range(cfg.width)]) for a in range(cfg.group)
+        )
 
-def _tile_ranges(start, band_lo, band_hi, end):
-    """Clamp the band's tile range into [start, end): start <= lo <= hi <= end."""
-    lo = jnp.minimum(jnp.maximum(band_lo, start), end)
-    hi = jnp.minimum(jnp.maximum(band_hi, lo), end)
-    return lo, hi
+    def zeros():
+        return tuple(jnp.zeros((cfg.block_q, cfg.block_k), jnp.float32) for _ in range(cfg.group))
+
+    return [s - b for s, b in zip(scores, lax.cond(in_band, biases, zeros), strict=True)]
 
 
 def _loop(cfg: _Cfg, start, band_lo, band_hi, end, body, carry):
-    """Run body(t, carry, with_band) over tiles [start, end), with the band only on [band_lo, band_hi)."""
+    """Run body(t, carry, in_band) over tiles [start, end), in_band = band_lo <= t < band_hi (or False)."""
     if not cfg.width:
         return lax.fori_loop(start, end, lambda t, c: body(t, c, False), carry)
-    lo, hi = _tile_ranges(start, band_lo, band_hi, end)
-    carry = lax.fori_loop(start, lo, lambda t, c: body(t, c, False), carry)
-    carry = lax.fori_loop(lo, hi, lambda t, c: body(t, c, True), carry)
-    return lax.fori_loop(hi, end, lambda t, c: body(t, c, False), carry)
+    return lax.fori_loop(
+        start, end, lambda t, c: body(t, c, jnp.logical_and(t >= band_lo, t < band_hi)), carry
+    )
 
 
 def _div_tiles(x, block: int, above: int = 0):
@@ -338,7 +342,7 @@ def _forward_kernel(*refs, cfg: _Cfg):
     kv_heads = [(head0 + h) // cfg.rep for h in range(cfg.group)]
     group = range(cfg.group)
 
-    def logits(t, with_band):
+    def logits(t, in_band):
         k_start = t * cfg.block_k
         offsets = _offsets(cfg, q_start, k_start)
         vis = _visible(cfg, q_ids, r["kv_ids"][pl.ds(k_start, cfg.block_k)], offsets)
@@ -348,15 +352,15 @@ def _forward_kernel(*refs, cfg: _Cfg):
             lambda a, c: r["kp"][a, c, pl.ds(k_start, cfg.block_k), :],
             lambda a, d: r["band"][a, d, :],
             offsets,
-            with_band,
+            in_band,
         )
         return _softmax_tiles(cfg, scores, pre, vis), vis
 
     def load_v(h, t):
         return r["v"][kv_heads[h], pl.ds(t * cfg.block_k, cfg.block_k), :]
 
-    def stats_step(t, carry, with_band, with_pv):
-        zl, vis = logits(t, with_band)
+    def stats_step(t, carry, in_band, with_pv):
+        zl, vis = logits(t, in_band)
         out = []
         for h in group:
             m, denom, acc = carry[h]
@@ -388,8 +392,8 @@ def _forward_kernel(*refs, cfg: _Cfg):
     if not cfg.has_post:
         return
 
-    def pv_step(t, accs, with_band):
-        zl, vis = logits(t, with_band)
+    def pv_step(t, accs, in_band):
+        zl, vis = logits(t, in_band)
         probs = _apply_mix([_probs(zl[h], lse2[h], vis) for h in group], post)
         out = []
         for h in group:
@@ -477,7 +481,7 @@ def _dq_kernel(*refs, cfg: _Cfg):
     dout = [r["dout"][h] for h in group]
     row = jnp.zeros((cfg.block_q,), jnp.float32)
 
-    def recompute(t, with_band):
+    def recompute(t, in_band):
         """Scores, probabilities, offsets, visibility and dP (before the post-mix transpose) of kv tile t."""
         k_start = t * cfg.block_k
         offsets = _offsets(cfg, q_start, k_start)
@@ -488,7 +492,7 @@ def _dq_kernel(*refs, cfg: _Cfg):
             lambda a, c: r["kp"][a, c, pl.ds(k_start, cfg.block_k), :],
             lambda a, d: r["band"][a, d, :],
             offsets,
-            with_band,
+            in_band,
         )
         zl = _softmax_tiles(cfg, scores, pre, vis)
         probs = [_probs(zl[h], lse2[h], vis) for h in group]
@@ -501,9 +505,9 @@ def _dq_kernel(*refs, cfg: _Cfg):
     end, band_lo, band_hi = _kv_tiles_for_q(cfg, q_start)
     if cfg.has_post:
 
-        def delta_step(t, carry, with_band):
+        def delta_step(t, carry, in_band):
             delta, dpost = carry
-            _, probs, _, dpf = recompute(t, with_band)
+            _, probs, _, dpf = recompute(t, in_band)
             dp = _apply_mix_t(dpf, post)
             delta = tuple(delta[a] + jnp.sum(probs[a] * dp[a], axis=1) for a in group)
             dpost = tuple(
@@ -520,9 +524,9 @@ def _dq_kernel(*refs, cfg: _Cfg):
     else:
         delta = [r["delta_in"][h] for h in group]
 
-    def dq_step(t, carry, with_band):
+    def dq_step(t, carry, in_band):
         dq, dband, dpre = carry
-        scores, probs, offsets, dpf = recompute(t, with_band)
+        scores, probs, offsets, dpf = recompute(t, in_band)
         dp = _apply_mix_t(dpf, post)
         dz = [probs[a] * (dp[a] - delta[a][:, None]) for a in group]
         ds = _apply_mix_t(dz, pre)
@@ -534,14 +538,18 @@ def _dq_kernel(*refs, cfg: _Cfg):
             for c in range(cfg.slabs):
                 kt = r["kp"][a, c, pl.ds(k_start, cfg.block_k), :]
                 new_dq.append(dq[a * cfg.slabs + c] + pltriton.dot(ds[a].astype(kt.dtype), kt))
-        if with_band:
-            dband = tuple(
-                tuple(
-                    dband[a][d] - jnp.sum(jnp.where(offsets == d, ds[a], 0.0), axis=1)
-                    for d in range(cfg.width)
+        if in_band is not False:
+
+            def band_grads():
+                return tuple(
+                    tuple(
+                        dband[a][d] - jnp.sum(jnp.where(offsets == d, ds[a], 0.0), axis=1)
+                        for d in range(cfg.width)
+                    )
+                    for a in group
                 )
-                for a in group
-            )
+
+            dband = lax.cond(in_band, band_grads, lambda: dband)
         return tuple(new_dq), dband, dpre
 
     dk = r["qp"].shape[-1]
@@ -630,7 +638,7 @@ def _dkv_kernel(*refs, cfg: _Cfg):
     group = range(cfg.group)
     vts = [r["v"][(head0 + h) // cfg.rep, pl.ds(k_start, cfg.block_k), :] for h in group]
 
-    def step(t, carry, with_band):
+    def step(t, carry, in_band):
         dk, dv = carry
         q_start = t * cfg.block_q
         rows = pl.ds(q_start, cfg.block_q)
@@ -642,7 +650,7 @@ def _dkv_kernel(*refs, cfg: _Cfg):
             lambda a, c: r["kp"][a, c],
             lambda a, d: r["band"][a, d, rows],
             offsets,
-            with_band,
+            in_band,
         )
         zl = _softmax_tiles(cfg, scores, pre, vis)
         probs = [_probs(zl[h], r["lse"][h, rows], vis) for h in group]
