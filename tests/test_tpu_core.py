@@ -16,7 +16,9 @@ from kernels.tpu_core import mta_core_tpu
 # (name, shape and options); blocks of 128 give several tiles where T or S is 256.
 CASES = {
     "g1_causal_gqa_band": dict(heads=2, kv_heads=1, slabs=2, q_len=128, kv_len=128, width=4, causal=True),
-    "g1_noncausal_tall_noband": dict(heads=1, kv_heads=1, slabs=1, q_len=256, kv_len=128, causal=False),
+    "g1_causal_tall_noband": dict(
+        heads=1, kv_heads=1, slabs=1, q_len=256, kv_len=128, causal=True
+    ),  # empty rows
     "pre_bottom_right": dict(
         heads=2, kv_heads=1, slabs=1, q_len=128, kv_len=256, width=3, causal=True, pre=2
     ),
@@ -24,7 +26,12 @@ CASES = {
         heads=4, kv_heads=2, slabs=1, q_len=128, kv_len=256, width=2, causal=True, pre=2, post=4
     ),
 }
-BF16_CASE = dict(heads=2, kv_heads=1, slabs=2, q_len=128, kv_len=128, width=5, causal=False)
+BF16_CASES = {
+    "g1_noncausal_band": dict(heads=2, kv_heads=1, slabs=2, q_len=128, kv_len=128, width=5, causal=False),
+    "pre_post_causal": dict(
+        heads=2, kv_heads=1, slabs=1, q_len=128, kv_len=128, width=3, causal=True, pre=2, post=2
+    ),
+}
 
 
 def _segments(rng: np.random.Generator, batch: int, length: int) -> jax.Array:
@@ -107,8 +114,9 @@ def test_matches_reference_f32(case, rng):
     _check(_inputs(rng, **CASES[case]), jnp.float32, 1e-4)
 
 
-def test_matches_reference_bf16(rng):
-    _check(_inputs(rng, **BF16_CASE), jnp.bfloat16, 2e-2)
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_matches_reference_bf16(case, rng):
+    _check(_inputs(rng, **BF16_CASES[case]), jnp.bfloat16, 2e-2)
 
 
 @pytest.mark.parametrize(
