@@ -9,15 +9,20 @@ output stage (norm, depth scaling, gate) is shared and applied here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from mta_jax.blockwise import blockwise_attention_core
 from mta_jax.config import IMPLEMENTATIONS, MTAConfig, depth_scale
 from mta_jax.conv import key_query_conv, mix_heads
+from mta_jax.dropout import apply_dropout, dropout_keep_mask
 from mta_jax.masks import visibility_mask
 from mta_jax.params import MTAParams
+
+logger = logging.getLogger("mta_jax")
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -39,9 +44,11 @@ def reference_attention_core(
     q_segment_ids: jax.Array | None,
     kv_segment_ids: jax.Array | None,
     dropout_rng: jax.Array | None,
+    block_q: int | None = None,
+    block_k: int | None = None,
 ) -> jax.Array:
     """Materialises the [B, H, T, S] scores; written for clarity. Returns [B, T, H, D] in float32
-    (float64 for float64 inputs)."""
+    (float64 for float64 inputs). block_q / block_k are accepted and unused (there are no tiles)."""
     batch, q_len, num_heads, head_dim = q.shape
     acc_dtype = compute_dtype(q.dtype)
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
@@ -71,8 +78,10 @@ def reference_attention_core(
     if params.post_head_mix is not None:
         probs = mix_heads(probs, params.post_head_mix)
     if dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - cfg.dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - cfg.dropout_rate), 0.0)
+        keep = dropout_keep_mask(
+            dropout_rng, cfg.dropout_rate, batch, num_heads, jnp.arange(q_len), jnp.arange(kv_len)
+        )
+        probs = apply_dropout(probs, keep, cfg.dropout_rate)
 
     probs = probs.astype(v.dtype).reshape(batch, num_kv_heads, group, q_len, kv_len)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=acc_dtype)
@@ -80,7 +89,10 @@ def reference_attention_core(
 
 
 AttentionCore = Callable[..., jax.Array]
-_CORES: dict[str, AttentionCore] = {"reference": reference_attention_core}
+_CORES: dict[str, AttentionCore] = {
+    "reference": reference_attention_core,
+    "blockwise": blockwise_attention_core,
+}
 
 
 def head_output(x: jax.Array, params: MTAParams, cfg: MTAConfig, layer_index: int | None) -> jax.Array:
@@ -111,22 +123,28 @@ def multi_token_attention(
     dropout_rng: jax.Array | None = None,
     deterministic: bool = True,
     layer_index: int | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
 ) -> jax.Array:
     """Multi-Token Attention (spec sections 1-3). Returns [B, T, H, D] in q's dtype, before wo.
 
     q: [B, T, H, D]; k, v: [B, S, Hkv, D] with H a multiple of Hkv (grouped-query attention).
     params: the layer's MTAParams, matching cfg. segment_ids: [B, T] ids of packed documents;
     kv_segment_ids: [B, S], defaults to segment_ids when S == T.
-    implementation: "reference" (materialises the scores) or "auto" (the best one available).
+    implementation: "reference" (materialises the [B, H, T, S] scores), "blockwise" (query and key
+    tiles, memory linear in T) or "auto" (the fastest path for this configuration and backend).
     dropout_rng: key for attention dropout, used when cfg.dropout_rate > 0 and not deterministic.
     layer_index: 0-based layer index, needed by depth scaling.
+    block_q, block_k: tile sizes of the tiled paths (None: the path's default for the backend).
     """
     _check_inputs(q, k, v, params, cfg, segment_ids, kv_segment_ids)
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} is invalid: must be one of {IMPLEMENTATIONS}")
-    core = _CORES["reference" if implementation == "auto" else implementation]
+    if implementation == "auto":
+        implementation = choose_implementation(cfg, q.shape[1], k.shape[1])
+    core = _CORES[implementation]
     if cfg.dropout_rate == 0.0 or deterministic:
         dropout_rng = None
     elif dropout_rng is None:
@@ -145,8 +163,29 @@ def multi_token_attention(
         q_segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
         dropout_rng=dropout_rng,
+        block_q=block_q,
+        block_k=block_k,
     )
     return head_output(out, params, cfg, layer_index).astype(q.dtype)
+
+
+# On CPU the blockwise path wins from about this many scores per head (bench/attention.py).
+AUTO_BLOCKWISE_MIN_SCORES = 2048 * 2048
+_announced: set[str] = set()
+
+
+def choose_implementation(cfg: MTAConfig, q_len: int, kv_len: int, backend: str | None = None) -> str:
+    """What implementation="auto" runs, logged once per distinct choice."""
+    backend = backend or jax.default_backend()
+    if q_len * kv_len >= AUTO_BLOCKWISE_MIN_SCORES:
+        name, why = "blockwise", f"T x S = {q_len} x {kv_len} scores per head would not fit as one buffer"
+    else:
+        name, why = "reference", f"T x S = {q_len} x {kv_len} is small enough to materialise"
+    message = f'implementation="auto" chose "{name}" on {backend}: {why}'
+    if message not in _announced:
+        _announced.add(message)
+        logger.info(message)
+    return name
 
 
 def _check_inputs(q, k, v, params, cfg, segment_ids, kv_segment_ids) -> None:

@@ -71,5 +71,6 @@ def random_segment_ids(rng: np.random.Generator, batch: int, length: int, max_do
 
 # The attention function compiled (eager op-by-op dispatch of the conv loops is slow on CPU).
 mta = jax.jit(
-    multi_token_attention, static_argnames=("cfg", "implementation", "deterministic", "layer_index")
+    multi_token_attention,
+    static_argnames=("cfg", "implementation", "deterministic", "layer_index", "block_q", "block_k"),
 )
