@@ -104,9 +104,9 @@ def assert_close(got, want, rtol, what):
 CASES = {
     # T < S (bottom-right causal), GQA, a band crossing kv tiles, no mixing.
     "causal-gqa-t<s": dict(causal=True, kw=dict(heads=4, kv_heads=2, q_len=32, kv_len=64, width=7)),
-    # T > S non-causal, one kv head, band as wide as block_k, pre-mix in pairs, two batches.
-    "noncausal-t>s-pre": dict(
-        causal=False, kw=dict(batch=2, heads=4, kv_heads=1, q_len=64, kv_len=32, width=16, pre=2)
+    # T > S non-causal, one kv head, a band as wide as block_k, two batches.
+    "noncausal-t>s-wide-band": dict(
+        causal=False, kw=dict(batch=2, heads=2, kv_heads=1, q_len=64, kv_len=32, width=16)
     ),
     # Unequal blocks, pre-mix pairs inside post-mix groups of 4.
     "causal-pre2-post4": dict(
@@ -116,9 +116,11 @@ CASES = {
     "causal-t>s-group3": dict(
         causal=True, kw=dict(heads=3, kv_heads=1, slabs=1, q_len=64, kv_len=32, width=None, pre=3, post=3)
     ),
-    # Plain attention: no band, no segments, no mixing, C = 3 slabs, D != Dk.
-    "noncausal-plain": dict(
-        causal=False, block_k=32, kw=dict(slabs=3, dk=32, d=16, width=None, segments=False)
+    # Pre-mix only; no band, no segments, C = 3 slabs, D != Dk.
+    "noncausal-pre2-plain": dict(
+        causal=False,
+        block_k=32,
+        kw=dict(heads=2, kv_heads=1, slabs=3, dk=32, d=16, width=None, pre=2, segments=False),
     ),
 }
 
@@ -133,3 +135,77 @@ def test_bfloat16_matches_reference(seed):
     """bf16 qp, kp, v against core_reference on the same bf16 inputs."""
     args = make_inputs(seed, heads=2, kv_heads=1, width=3, post=2, dtype=jnp.bfloat16)
     check(args, causal=True, rtol=2e-2, seed=seed)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_lowers_to_triton(head_dim):
+    """Forward and backward export for CUDA at the default blocks: C = 6, H = 16, T = 1024, W = 10, c = 4."""
+    batch, heads, slabs, length, width = 1, 16, 6, 1024, 10
+    bf16, f32, i32 = jnp.bfloat16, jnp.float32, jnp.int32
+    args = [
+        jax.ShapeDtypeStruct((batch, heads, slabs, length, head_dim), bf16),
+        jax.ShapeDtypeStruct((batch, heads, slabs, length, head_dim), bf16),
+        jax.ShapeDtypeStruct((batch, heads // 2, length, head_dim), bf16),
+        jax.ShapeDtypeStruct((batch, heads, length, width), f32),
+        jax.ShapeDtypeStruct((batch, length), i32),
+        jax.ShapeDtypeStruct((batch, length), i32),
+        jax.ShapeDtypeStruct((heads // 4, 4, 4), f32),
+        jax.ShapeDtypeStruct((heads // 4, 4, 4), f32),
+    ]
+
+    def loss(*a):
+        return mta_core_triton(*a, causal=True).sum()
+
+    triton = "__gpu$xla.gpu.triton"
+    checks = [jax.export.DisabledSafetyCheck.custom_call(triton)]
+    forward = jax.export.export(
+        jax.jit(functools.partial(mta_core_triton, causal=True)), platforms=["cuda"], disabled_checks=checks
+    )(*args)
+    assert forward.mlir_module().count(triton) == 1
+    both = jax.export.export(
+        jax.jit(jax.value_and_grad(loss, argnums=DIFF_ARGS)), platforms=["cuda"], disabled_checks=checks
+    )(*args)
+    assert both.mlir_module().count(triton) == 3  # forward, dQ, dK/dV
+
+
+def abstract_inputs(heads=4, kv_heads=2, q_len=64, kv_len=64, dk=16, d=16, width=5, pre=None, post=None):
+    """ShapeDtypeStruct arguments: enough for the checks, which run at trace time (jax.eval_shape)."""
+    f32, i32 = jnp.float32, jnp.int32
+    return [
+        jax.ShapeDtypeStruct((1, heads, 2, q_len, dk), f32),
+        jax.ShapeDtypeStruct((1, heads, 2, kv_len, dk), f32),
+        jax.ShapeDtypeStruct((1, kv_heads, kv_len, d), f32),
+        None if width is None else jax.ShapeDtypeStruct((1, heads, q_len, width), f32),
+        jax.ShapeDtypeStruct((1, q_len), i32),
+        jax.ShapeDtypeStruct((1, kv_len), i32),
+        None if pre is None else jax.ShapeDtypeStruct((heads // pre, pre, pre), f32),
+        None if post is None else jax.ShapeDtypeStruct((heads // post, post, post), f32),
+    ]
+
+
+def test_accepts_good_shapes():
+    out = jax.eval_shape(functools.partial(mta_core_triton, causal=True), *abstract_inputs(pre=2, post=4))
+    assert out.shape == (1, 4, 64, 16) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "inputs, options, match",
+    [
+        ({}, dict(block_q=24), "block_q"),
+        ({}, dict(block_q=8), "block_q"),
+        ({}, dict(block_k=48), "block_k"),
+        ({}, dict(block_q=128), "block_q"),  # does not divide T = 64
+        ({}, dict(block_k=128), "block_k"),
+        (dict(width=17), dict(block_k=16), "W=17"),
+        (dict(dk=8), {}, "Dk=8"),
+        (dict(d=24), {}, "D=24"),
+        (dict(kv_heads=3), {}, "Hkv"),
+        (dict(pre=3), {}, "pre_mix"),
+        (dict(heads=8, pre=4, post=3), {}, "post_mix"),
+        (dict(heads=6, pre=2, post=3), {}, "divide"),
+    ],
+)
+def test_rejects_bad_arguments(inputs, options, match):
+    args = abstract_inputs(**inputs)
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(functools.partial(mta_core_triton, causal=True, **options), *args)
