@@ -359,35 +359,35 @@ def _forward_kernel(*refs, cfg: _Cfg):
     def load_v(h, t):
         return r["v"][kv_heads[h], pl.ds(t * cfg.block_k, cfg.block_k), :]
 
-    def stats_step(t, carry, in_band, with_pv):
+    def stats_step(t, carry, in_band):
+        """Online softmax over kv tile t: per head (running max, running sum[, unnormalised PV])."""
         zl, vis = logits(t, in_band)
         out = []
         for h in group:
-            m, denom, acc = carry[h]
+            m, denom, *acc = carry[h]
             m_next = jnp.maximum(m, jnp.max(zl[h], axis=1))
             corr = jnp.exp2(m - m_next)
-            p = jnp.where(vis, jnp.exp2(zl[h] - m_next[:, None]), 0.0)
+            p = jnp.where(vis, jnp.exp2(zl[h] - m_next[:, None]), 0.0)  # 0, not 2^0, on masked rows
             denom = corr * denom + jnp.sum(p, axis=1)
-            if with_pv:
+            if acc:  # without post_mix, PV is accumulated in the same pass
                 vt = load_v(h, t)
-                acc = corr[:, None] * acc + pltriton.dot(p.astype(vt.dtype), vt)
-            out.append((m_next, denom, acc))
+                acc = [corr[:, None] * acc[0] + pltriton.dot(p.astype(vt.dtype), vt)]
+            out.append((m_next, denom, *acc))
         return tuple(out)
 
     d = r["v"].shape[-1]
     row = jnp.zeros((cfg.block_q,), jnp.float32)
-    init = tuple((row + MASK_VALUE, row, jnp.zeros((cfg.block_q, d), jnp.float32)) for _ in group)
+    zeros = jnp.zeros((cfg.block_q, d), jnp.float32)
+    init = tuple((row + MASK_VALUE, row) + (() if cfg.has_post else (zeros,)) for _ in group)
     end, band_lo, band_hi = _kv_tiles_for_q(cfg, q_start)
-    stats = _loop(
-        cfg, 0, band_lo, band_hi, end, functools.partial(stats_step, with_pv=not cfg.has_post), init
-    )
+    stats = _loop(cfg, 0, band_lo, band_hi, end, stats_step, init)
     lse2 = []
     for h in group:
-        m, denom, acc = stats[h]
+        m, denom, *acc = stats[h]
         empty = denom == 0.0
         lse2.append(jnp.where(empty, 0.0, m + jnp.log2(jnp.where(empty, 1.0, denom))))
-        if not cfg.has_post:
-            r["out"][h] = acc / jnp.where(empty, 1.0, denom)[:, None]
+        if acc:
+            r["out"][h] = acc[0] / jnp.where(empty, 1.0, denom)[:, None]
         r["lse"][h] = lse2[h]
     if not cfg.has_post:
         return
@@ -401,7 +401,7 @@ def _forward_kernel(*refs, cfg: _Cfg):
             out.append(accs[h] + pltriton.dot(probs[h].astype(vt.dtype), vt))
         return tuple(out)
 
-    accs = _loop(cfg, 0, band_lo, band_hi, end, pv_step, tuple(init[h][2] for h in group))
+    accs = _loop(cfg, 0, band_lo, band_hi, end, pv_step, tuple(zeros for _ in group))
     for h in group:
         r["out"][h] = accs[h]
 
