@@ -89,9 +89,19 @@ def reference_attention_core(
 
 
 AttentionCore = Callable[..., jax.Array]
+
+
+def pallas_attention_core(*args, **kwargs) -> jax.Array:
+    """The fused Pallas kernels (kernels/ops.py), imported on first use."""
+    from kernels.ops import pallas_attention_core as core
+
+    return core(*args, **kwargs)
+
+
 _CORES: dict[str, AttentionCore] = {
     "reference": reference_attention_core,
     "blockwise": blockwise_attention_core,
+    "pallas": pallas_attention_core,
 }
 
 
@@ -132,7 +142,8 @@ def multi_token_attention(
     params: the layer's MTAParams, matching cfg. segment_ids: [B, T] ids of packed documents;
     kv_segment_ids: [B, S], defaults to segment_ids when S == T.
     implementation: "reference" (materialises the [B, H, T, S] scores), "blockwise" (query and key
-    tiles, memory linear in T) or "auto" (the fastest path for this configuration and backend).
+    tiles, memory linear in T), "pallas" (fused kernels, kernels/ops.py: Triton on GPU, Mosaic on TPU,
+    interpreted on CPU) or "auto" (the fastest path for this configuration and backend).
     dropout_rng: key for attention dropout, used when cfg.dropout_rate > 0 and not deterministic.
     layer_index: 0-based layer index, needed by depth scaling.
     block_q, block_k: tile sizes of the tiled paths (None: the path's default for the backend).
@@ -142,9 +153,6 @@ def multi_token_attention(
         kv_segment_ids = segment_ids
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r} is invalid: must be one of {IMPLEMENTATIONS}")
-    if implementation == "auto":
-        implementation = choose_implementation(cfg, q.shape[1], k.shape[1])
-    core = _CORES[implementation]
     if cfg.dropout_rate == 0.0 or deterministic:
         dropout_rng = None
     elif dropout_rng is None:
@@ -152,6 +160,11 @@ def multi_token_attention(
             f"dropout_rng=None is invalid: dropout_rate={cfg.dropout_rate} with "
             "deterministic=False needs a PRNG key"
         )
+    if implementation == "auto":
+        implementation = choose_implementation(
+            cfg, q.shape[1], k.shape[1], training_dropout=dropout_rng is not None
+        )
+    core = _CORES[implementation]
     if cfg.depth_scaling and layer_index is None:
         raise ValueError("layer_index=None is invalid: depth_scaling=True needs the layer index")
     out = core(
@@ -174,11 +187,22 @@ AUTO_BLOCKWISE_MIN_SCORES = 2048 * 2048
 _announced: set[str] = set()
 
 
-def choose_implementation(cfg: MTAConfig, q_len: int, kv_len: int, backend: str | None = None) -> str:
-    """What implementation="auto" runs, logged once per distinct choice."""
+def choose_implementation(
+    cfg: MTAConfig, q_len: int, kv_len: int, backend: str | None = None, *, training_dropout: bool = False
+) -> str:
+    """What implementation="auto" runs, logged once per distinct choice: the fused kernels on GPU and
+    TPU when they support the configuration, else blockwise for long sequences, else the reference."""
+    from kernels.ops import unsupported_option
+
     backend = backend or jax.default_backend()
-    if q_len * kv_len >= AUTO_BLOCKWISE_MIN_SCORES:
-        name, why = "blockwise", f"T x S = {q_len} x {kv_len} scores per head would not fit as one buffer"
+    missing = unsupported_option(cfg, training_dropout=training_dropout)
+    if backend in ("gpu", "tpu") and missing is None:
+        name, why = "pallas", "the fused kernels support this configuration"
+    elif q_len * kv_len >= AUTO_BLOCKWISE_MIN_SCORES or backend in ("gpu", "tpu"):
+        kernels = (
+            f"the fused kernels lack {missing}" if backend in ("gpu", "tpu") else "no fused kernels on CPU"
+        )
+        name, why = "blockwise", f"{kernels}; T x S = {q_len} x {kv_len} scores per head"
     else:
         name, why = "reference", f"T x S = {q_len} x {kv_len} is small enough to materialise"
     message = f'implementation="auto" chose "{name}" on {backend}: {why}'

@@ -14,7 +14,7 @@ from typing import Any
 PAD_KEY_MODES = ("both", "left", "right")
 GATE_MODES = (None, "scalar", "elementwise")
 ROPE_STYLES = ("interleaved", "half")
-IMPLEMENTATIONS = ("auto", "reference", "blockwise")
+IMPLEMENTATIONS = ("auto", "reference", "blockwise", "pallas")
 
 
 def _error(field: str, value: Any, allowed: str) -> ValueError:
