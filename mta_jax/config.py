@@ -145,7 +145,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     mta: MTAConfig | None = None
     kq_conv_layers: tuple[int, ...] | None = None
-    attention_implementation: str = "reference"
+    attention_implementation: str = "auto"
+    attention_block_q: int | None = None
+    attention_block_k: int | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -172,6 +174,9 @@ class ModelConfig:
                 self.attention_implementation,
                 f"must be one of {IMPLEMENTATIONS}",
             )
+        for field in ("attention_block_q", "attention_block_k"):
+            if getattr(self, field) is not None:
+                _check_positive_int(field, getattr(self, field))
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
                 raise _error(field, getattr(self, field), "must be float32, bfloat16 or float16")

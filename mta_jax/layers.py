@@ -90,7 +90,9 @@ class MultiTokenAttention(nnx.Module):
         rope_theta: float = 100_000.0,
         rope_style: str = "interleaved",
         layer_index: int = 0,
-        implementation: str = "reference",
+        implementation: str = "auto",
+        block_q: int | None = None,
+        block_k: int | None = None,
         init_std: float | None = None,
         dtype=None,
         param_dtype=jnp.float32,
@@ -105,6 +107,7 @@ class MultiTokenAttention(nnx.Module):
         self.rope_style = rope_style
         self.layer_index = layer_index
         self.implementation = implementation
+        self.block_q, self.block_k = block_q, block_k
         self.dtype = dtype
         self.deterministic = False  # dropout on, as nnx.Dropout; model.eval() turns it off
 
@@ -173,5 +176,7 @@ class MultiTokenAttention(nnx.Module):
             dropout_rng=dropout_rng,
             deterministic=deterministic,
             layer_index=self.layer_index,
+            block_q=self.block_q,
+            block_k=self.block_k,
         )
         return self.wo(out.reshape(batch, seq_len, self.num_heads * self.head_dim))

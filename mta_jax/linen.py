@@ -35,7 +35,9 @@ class MultiTokenAttention(nn.Module):
     rope_theta: float = 100_000.0
     rope_style: str = "interleaved"
     layer_index: int = 0
-    implementation: str = "reference"
+    implementation: str = "auto"
+    block_q: int | None = None
+    block_k: int | None = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
 
@@ -71,6 +73,8 @@ class MultiTokenAttention(nn.Module):
                 rope_style=self.rope_style,
                 layer_index=self.layer_index,
                 implementation=self.implementation,
+                block_q=self.block_q,
+                block_k=self.block_k,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
             ),

@@ -28,6 +28,8 @@ class DecoderBlock(nnx.Module):
             rope_style=cfg.rope_style,
             layer_index=layer_index,
             implementation=cfg.attention_implementation,
+            block_q=cfg.attention_block_q,
+            block_k=cfg.attention_block_k,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,

@@ -52,6 +52,8 @@ def test_even_c_k_is_allowed_with_one_sided_padding():
         (dict(num_heads=5), r"num_heads=5 is invalid: must divide dim=32"),
         (dict(rope_style="neox"), r"rope_style='neox' is invalid: must be one of \('interleaved', 'half'\)"),
         (dict(attention_implementation="flash"), r"attention_implementation='flash' is invalid"),
+        (dict(attention_block_q=0), r"attention_block_q=0 is invalid: must be a positive integer"),
+        (dict(attention_block_k=2.5), r"attention_block_k=2.5 is invalid: must be a positive integer"),
         (dict(dtype="int8"), r"dtype='int8' is invalid"),
         (dict(vocab_size=0), r"vocab_size=0 is invalid: must be a positive integer"),
         (dict(head_dim=7), r"head_dim=7 is invalid: must be even"),

@@ -115,6 +115,21 @@ def test_packed_rows_equal_documents_run_alone(seed, rng):
             np.testing.assert_allclose(packed[b, rows], alone[0], rtol=1e-4, atol=1e-5)
 
 
+def test_blockwise_model_equals_reference_model(seed, rng):
+    """The model's attention path is a config field; small tiles force several per sequence."""
+    tokens = jnp.asarray(rng.integers(0, 50, (2, 21)))
+    segment_ids = random_segment_ids(rng, 2, 21, max_docs=3)
+    logits = {}
+    for implementation in ("reference", "blockwise"):
+        cfg = dataclasses.replace(
+            TINY, attention_implementation=implementation, attention_block_q=8, attention_block_k=4
+        )
+        model = _model(cfg, seed)
+        _randomise_mta(model, np.random.default_rng(seed))
+        logits[implementation] = _logits(model, tokens, segment_ids)
+    np.testing.assert_allclose(logits["blockwise"], logits["reference"], rtol=1e-4, atol=1e-5)
+
+
 def test_fresh_mta_model_equals_the_baseline_with_the_same_weights(seed, rng):
     """Identity kq-conv and head mixing (no norm, no gate) leave a Transformer unchanged."""
     mta_cfg = MTAConfig(pre_conv=(6, 11), post_conv=(6, 11), pre_head_mix=4, post_head_mix=4)
