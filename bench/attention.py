@@ -3,7 +3,7 @@
     python bench/attention.py [--paths reference blockwise pallas dot_product_attention]
         [--configs kq_conv head_mix full] [--head-dims 64 128] [--min-len 512] [--max-len N]
         [--memory-max-len N] [--iters N] [--warmup N] [--dtype bfloat16] [--heads 16] [--batch 1]
-        [--out bench/results]
+        [--point-seconds S] [--out bench/results] [--append]
     python bench/attention.py --readme [README.md]   # only rewrites the README's table, runs nothing
 
 For every layer config, path and head dim D, T doubles from --min-len: up to --max-len each point is
@@ -14,11 +14,14 @@ that runs out of memory gets "oom" at that T and its sweep stops. The paths are 
 multi_token_attention plus "dot_product_attention": jax.nn.dot_product_attention, plain causal
 attention without MTA (the speed of light; cuDNN on GPU when it accepts the shapes).
 
-Writes <out>/attention-<device kind slug>.json and .png (the kq_conv layer at D=128: time and temp
-memory against T) and prints progress, a summary and the targets. Defaults: on CPU, D=128, timed up to
+Writes <out>/attention-<device kind slug>.json (after every point, "complete": false until the end)
+and .png (the kq_conv layer at D=128: time and temp memory against T) and prints progress, a summary
+and the targets. Defaults: on CPU, D=128, timed up to
 T=2048 and compiled up to 8192 (minutes on 2 cores); on accelerators, D=64 and 128, timed up to 32768.
 Timing a point stops once its runs add up to --point-seconds; on CPU a point whose compiled memory
 exceeds the host's available memory is compiled only (XLA:CPU would not fail cleanly).
+
+FLOPs are XLA's cost analysis: loop bodies count once, so the blockwise path's figure is far too low.
 """
 
 from __future__ import annotations
@@ -307,8 +310,9 @@ def lengths(args: argparse.Namespace) -> list[tuple[int, bool]]:
     return out
 
 
-def sweep(args: argparse.Namespace) -> list[dict]:
-    """Every record, config by config, path by path; prints one progress line per record."""
+def sweep(args: argparse.Namespace, on_record=None) -> list[dict]:
+    """Every record, config by config, path by path; prints one progress line per record and calls
+    on_record(records) after each."""
     records = []
     for config in args.configs:
         cfg = layer_config(config, args.heads)
@@ -330,6 +334,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
                                 untimed.add(mode)
                         records.append(record)
                         _print_progress(record)
+                        if on_record is not None:
+                            on_record(records)
                         if record["status"] != "ok":
                             stopped.add(mode)
                     if len(stopped) == len(MODES):
@@ -469,13 +475,23 @@ def compute_targets(records: list[dict], head_dim: int = 128) -> dict:
 # ----------------------------------------------------------------------------- plot and table
 
 
-def plot(report: dict, path: Path, config: str = "kq_conv", head_dim: int = 128) -> Path | None:
-    """Time and temp memory against T (log-log), one panel per mode and metric, a line per path."""
+def _pick_config(report: dict, config: str | None) -> str:
+    """config, or kq_conv when measured, else the first config measured."""
+    if config is not None:
+        return config
+    configs = report["settings"]["configs"]
+    return "kq_conv" if "kq_conv" in configs or not configs else configs[0]
+
+
+def plot(report: dict, path: Path, config: str | None = None, head_dim: int = 128) -> Path | None:
+    """Time and temp memory against T (log-log), one panel per mode and metric, a line per path, for
+    config (default kq_conv) at head_dim (else the largest D measured)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    config = _pick_config(report, config)
     records = [r for r in report["records"] if r["config"] == config]
     dims = sorted({r["head_dim"] for r in records})
     if not dims:
@@ -533,9 +549,10 @@ def _fmt_ratio(value) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
-def render_table(report: dict, config: str = "kq_conv", head_dim: int = 128, mode: str = FWD_BWD) -> str:
+def render_table(report: dict, config: str | None = None, head_dim: int = 128, mode: str = FWD_BWD) -> str:
     """The README's markdown (markers included): per T, each path's time (ms) / temp memory (MiB), then
-    ratios, for one config, head dim (else the largest measured) and mode."""
+    ratios, for one config (default kq_conv), head dim (else the largest measured) and mode."""
+    config = _pick_config(report, config)
     records = [r for r in report["records"] if r["config"] == config and r["mode"] == mode]
     dims = sorted({r["head_dim"] for r in records})
     d = head_dim if head_dim in dims or not dims else dims[-1]
@@ -555,7 +572,8 @@ def render_table(report: dict, config: str = "kq_conv", head_dim: int = 128, mod
         f"`{config}` layer, {mode}, D={d}, H={settings['heads']}, Hkv={settings['kv_heads']}, "
         f"B={settings['batch']}, {settings['dtype']}, causal; measured on {report['device_kind']} "
         f"({report['platform']}), jax {report['jax_version']}, {report['timestamp_utc'][:10]}. "
-        "Cells: median time in ms / compiled temp memory in MiB (`-`: compiled only, not timed).",
+        "Cells: median time in ms / compiled temp memory in MiB (`-`: compiled only, not timed)."
+        + ("" if report.get("complete", True) else " **Incomplete run.**"),
         "",
         "| T | " + " | ".join([*(_path_label(p, records) for p in paths), *(r[0] for r in ratios)]) + " |",
         "|---:|" + "---:|" * (len(paths) + len(ratios)),
@@ -630,6 +648,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for JSON and PNG")
     parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the records of the existing JSON for this device whose (config, path, D) this run does "
+        "not measure (e.g. a sweep split into several shorter runs)",
+    )
+    parser.add_argument(
         "--readme",
         nargs="?",
         const=str(ROOT / "README.md"),
@@ -668,7 +692,38 @@ def settings_of(args: argparse.Namespace) -> dict:
         name: dataclasses.asdict(layer_config(name, args.heads)) for name in args.configs
     }
     settings["implementations_built"] = list(IMPLEMENTATIONS)
+    settings["flops_source"] = (
+        "XLA's cost_analysis of the compiled executable; a loop body (lax.map, scan: the blockwise path) "
+        "counts once, so looped paths are undercounted, and custom kernels count what they declare"
+    )
     return settings
+
+
+COMPARABLE = ("dtype", "heads", "kv_heads", "batch", "causal")
+
+
+def appended_to(report: dict, json_path: Path) -> list[dict]:
+    """With --append: the records of the existing json_path that this run does not replace; merges its
+    settings and runs into report. Raises SystemExit if its settings are not comparable."""
+    if not json_path.is_file():
+        report["runs"] = [{"command": report["command"], "timestamp_utc": report["timestamp_utc"]}]
+        return []
+    previous = json.loads(json_path.read_text())
+    old, new = previous["settings"], report["settings"]
+    if any(old.get(name) != new[name] for name in COMPARABLE):
+        diff = {name: (old.get(name), new[name]) for name in COMPARABLE if old.get(name) != new[name]}
+        raise SystemExit(f"--append: {json_path} was measured with other settings (old, new): {diff}")
+    measured = {(c, p, d) for c in new["configs"] for p in new["paths"] for d in new["head_dims"]}
+    kept = [r for r in previous["records"] if (r["config"], r["path"], r["head_dim"]) not in measured]
+    for name, order in (("paths", PATHS), ("configs", CONFIGS), ("head_dims", None)):
+        values = set(old[name]) | set(new[name])
+        new[name] = sorted(values, key=order.index) if order else sorted(values)
+    new["layer_configs"] = {**old.get("layer_configs", {}), **new["layer_configs"]}
+    runs = previous.get("runs") or [
+        {"command": previous["command"], "timestamp_utc": previous["timestamp_utc"]}
+    ]
+    report["runs"] = [*runs, {"command": report["command"], "timestamp_utc": report["timestamp_utc"]}]
+    return kept
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -685,7 +740,6 @@ def main(argv: list[str] | None = None) -> dict:
         f"{device.device_kind} ({args.platform}), jax {jax.__version__}; lengths {lengths(args)}", flush=True
     )
     start = time.perf_counter()
-    records = sweep(args)
     report = {
         "device": device_slug(device.device_kind),
         "device_kind": device.device_kind,
@@ -693,15 +747,30 @@ def main(argv: list[str] | None = None) -> dict:
         "jax_version": jax.__version__,
         "command": shlex.join(sys.orig_argv if argv is None else ["bench/attention.py", *argv]),
         "timestamp_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "total_seconds": time.perf_counter() - start,
+        "complete": False,
+        "total_seconds": None,
         "settings": settings_of(args),
-        "targets": compute_targets(records),
-        "records": records,
+        "targets": None,
+        "records": [],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"attention-{report['device']}.json"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+
+    kept = appended_to(report, json_path) if args.append else []
+
+    def save(records: list[dict]) -> None:  # after every record: a run cut short keeps what it measured
+        records = kept + records
+        report.update(
+            records=records, targets=compute_targets(records), total_seconds=time.perf_counter() - start
+        )
+        temporary = json_path.with_suffix(".json.tmp")
+        temporary.write_text(json.dumps(report, indent=2) + "\n")
+        temporary.replace(json_path)
+
+    records = sweep(args, save)
+    report["complete"] = True
+    save(records)
     png_path = plot(report, out / f"attention-{report['device']}.png")
     _print_summary(report, [json_path, png_path])
     return report

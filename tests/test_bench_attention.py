@@ -14,6 +14,7 @@ import pytest
 from bench.attention import (
     DPA,
     MARKERS,
+    appended_to,
     compute_targets,
     memory_slope,
     render_table,
@@ -54,7 +55,7 @@ def test_json_has_a_record_per_point(run):
     for field in REPORT_FIELDS:
         assert field in report, field
     assert report["settings"]["head_dims"] == [16] and report["settings"]["heads"] == 2
-    assert "--max-len 32" in report["command"]
+    assert "--max-len 32" in report["command"] and report["complete"] is True
     for record in report["records"]:
         for field in RECORD_FIELDS:
             assert field in record, field
@@ -118,6 +119,36 @@ def test_readme_table_replaces_only_the_marked_region(run, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert readme.read_text() == after
+
+
+def test_append_keeps_the_records_it_does_not_remeasure(run, tmp_path):
+    out, report, _ = run
+    name = f"attention-{report['device']}.json"
+    shutil.copy(out / name, tmp_path / name)
+    argv = [a for a in TINY if a not in ("kq_conv", "reference", "pallas")]
+    argv[argv.index("--configs") + 1 : argv.index("--configs") + 1] = ["head_mix"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "attention.py"), *argv, "--append", "--out", str(tmp_path)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    merged = json.loads((tmp_path / name).read_text())
+    assert merged["records"][: len(report["records"])] == report["records"]
+    added = merged["records"][len(report["records"]) :]
+    assert {(r["config"], r["path"], r["status"]) for r in added} == {("head_mix", DPA, "ok")}
+    assert merged["settings"]["configs"] == ["kq_conv", "head_mix"]
+    assert merged["settings"]["paths"] == ["reference", "pallas", DPA]
+    assert len(merged["runs"]) == 2 and "--append" in merged["runs"][1]["command"]
+
+
+def test_append_refuses_other_settings(run):
+    out, report, _ = run
+    other = {**report, "settings": {**report["settings"], "heads": 4}}
+    with pytest.raises(SystemExit, match="other settings"):
+        appended_to(other, out / f"attention-{report['device']}.json")
 
 
 def _record(path, seq, temp, median=None, config="kq_conv", status="ok", mode="forward+backward"):
