@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mta_jax.rope import RopeScaling
+
 PAD_KEY_MODES = ("both", "left", "right")
 GATE_MODES = (None, "scalar", "elementwise")
 ROPE_STYLES = ("interleaved", "half")
@@ -142,6 +144,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 100_000.0
     rope_style: str = "interleaved"
+    rope_scaling: RopeScaling | None = None  # a mapping of RopeScaling fields in YAML
     tie_embeddings: bool = True
     mta: MTAConfig | None = None
     kq_conv_layers: tuple[int, ...] | None = None
@@ -166,6 +169,13 @@ class ModelConfig:
         _check_positive_int("head_dim", self.head_dim)
         if self.rope_style not in ROPE_STYLES:
             raise _error("rope_style", self.rope_style, f"must be one of {ROPE_STYLES}")
+        if isinstance(self.rope_scaling, Mapping):
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            except TypeError as error:
+                raise _error("rope_scaling", self.rope_scaling, str(error)) from None
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise _error("rope_scaling", self.rope_scaling, "must be a RopeScaling, a mapping or None")
         if self.head_dim % 2:
             raise _error("head_dim", self.head_dim, "must be even (RoPE rotates pairs)")
         if self.attention_implementation not in IMPLEMENTATIONS:

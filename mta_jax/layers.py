@@ -15,7 +15,7 @@ from mta_jax.attention import multi_token_attention
 from mta_jax.config import MTAConfig
 from mta_jax.masks import default_positions
 from mta_jax.params import MTAParams, init_mta_params
-from mta_jax.rope import apply_rope
+from mta_jax.rope import RopeScaling, apply_rope
 
 MTA_PARAM_NAMES = tuple(f.name for f in dataclasses.fields(MTAParams))
 
@@ -89,6 +89,7 @@ class MultiTokenAttention(nnx.Module):
         mta: MTAConfig | None = None,
         rope_theta: float = 100_000.0,
         rope_style: str = "interleaved",
+        rope_scaling: RopeScaling | None = None,
         layer_index: int = 0,
         implementation: str = "auto",
         block_q: int | None = None,
@@ -105,6 +106,7 @@ class MultiTokenAttention(nnx.Module):
         self.mta.check_heads(self.num_heads, self.num_kv_heads)
         self.rope_theta = rope_theta
         self.rope_style = rope_style
+        self.rope_scaling = rope_scaling
         self.layer_index = layer_index
         self.implementation = implementation
         self.block_q, self.block_k = block_q, block_k
@@ -160,8 +162,8 @@ class MultiTokenAttention(nnx.Module):
         q = self.wq(x).reshape(batch, seq_len, self.num_heads, self.head_dim)
         k = self.wk(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
         v = self.wv(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
-        q = apply_rope(q, positions, self.rope_theta, self.rope_style)
-        k = apply_rope(k, positions, self.rope_theta, self.rope_style)
+        q = apply_rope(q, positions, self.rope_theta, self.rope_style, self.rope_scaling)
+        k = apply_rope(k, positions, self.rope_theta, self.rope_style, self.rope_scaling)
 
         deterministic = self.deterministic if deterministic is None else deterministic
         dropout_rng = self.rngs() if self.rngs is not None and not deterministic else None

@@ -26,6 +26,7 @@ class DecoderBlock(nnx.Module):
             mta=cfg.layer_mta(layer_index),
             rope_theta=cfg.rope_theta,
             rope_style=cfg.rope_style,
+            rope_scaling=cfg.rope_scaling,
             layer_index=layer_index,
             implementation=cfg.attention_implementation,
             block_q=cfg.attention_block_q,

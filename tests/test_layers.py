@@ -8,10 +8,10 @@ from flax import linen as nn
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mta_jax.config import MTAConfig, swiglu_hidden_dim
+from mta_jax.config import ModelConfig, MTAConfig, swiglu_hidden_dim
 from mta_jax.layers import MultiTokenAttention, SwiGLU
 from mta_jax.linen import MultiTokenAttention as LinenMultiTokenAttention
-from mta_jax.rope import apply_rope
+from mta_jax.rope import RopeScaling, apply_rope, rope_angles
 from tests.helpers import FULL, random_mta_params
 
 
@@ -142,3 +142,40 @@ def test_linen_face_equals_nnx_layer(rng):
     got = linen_layer.apply({"params": params}, x)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert not np.allclose(want, _plain_attention(nnx_layer, x, "interleaved"), atol=1e-3)
+
+
+def _hf_llama3_inv_freq(head_dim, theta, factor, low, high, original):
+    """Hugging Face's _compute_llama3_parameters, transcribed loop by loop in float64."""
+    out = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / theta ** (i / head_dim)
+        wavelen = 2 * np.pi / freq
+        if wavelen < original / high:
+            out.append(freq)
+        elif wavelen > original / low:
+            out.append(freq / factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append((1 - smooth) * freq / factor + smooth * freq)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "linear"])
+def test_rope_scaling_matches_hugging_face_frequencies(kind):
+    scaling = RopeScaling(kind, 8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=64)
+    head_dim, theta = 64, 5e5
+    got = np.asarray(rope_angles(jnp.asarray([1]), head_dim, theta, scaling))[0]
+    if kind == "llama3":
+        want = _hf_llama3_inv_freq(head_dim, theta, 8.0, 1.0, 4.0, 64)
+        assert (want != 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)).any()  # the case bites
+    else:
+        want = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim) / 8.0
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_rope_scaling_is_read_from_a_model_config_mapping():
+    linear = {"kind": "linear", "factor": 2.0}
+    cfg = ModelConfig(vocab_size=8, dim=16, num_layers=1, num_heads=2, rope_scaling=linear)
+    assert cfg.rope_scaling == RopeScaling("linear", factor=2.0)
+    with pytest.raises(ValueError, match="rope_scaling.kind='yarn' is invalid"):
+        ModelConfig(vocab_size=8, dim=16, num_layers=1, num_heads=2, rope_scaling={"kind": "yarn"})

@@ -46,6 +46,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 4
     progress: bool | None = None  # None: a progress bar on a terminal, plain log lines otherwise
+    # Start from these parameters (a parameter directory or another run's directory, see
+    # train/params_io.py) with a fresh optimizer, when run_dir has no checkpoint yet.
+    init_from: str | None = None
 
     def __post_init__(self):
         for field in ("steps", "global_batch_size", "microbatches", "log_every", "eval_batches"):

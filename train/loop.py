@@ -29,6 +29,7 @@ from train.distributed import initialize
 from train.mesh import batch_sharding, make_mesh, replicated, sharding_context
 from train.metrics import MetricsLogger
 from train.optim import learning_rate_schedule, make_optimizer
+from train.params_io import check_params, load_params
 from train.state import abstract_model, init_state, state_shardings
 from train.step import BATCH_KEYS, jit_steps, make_eval_step, make_train_step
 
@@ -158,7 +159,10 @@ def train(cfg: TrainConfig) -> RunResult:
 
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     restored = checkpointer.restore_latest(abstract_state, data_iter)
-    if restored is None:
+    if restored is None and cfg.init_from:
+        start, state = 0, init_state(cfg.model, tx, cfg.seed, shardings, _initial_params(cfg))
+        log.info("starting from the parameters in %s with a fresh optimizer", cfg.init_from)
+    elif restored is None:
         start, state = 0, init_state(cfg.model, tx, cfg.seed, shardings)
         log.info("starting from scratch (seed %d)", cfg.seed)
     else:
@@ -218,6 +222,16 @@ def train(cfg: TrainConfig) -> RunResult:
         if pending is not None:
             _record(pending, losses)
     return RunResult(step, losses, eval_loss, preempted, eval_values)
+
+
+def _initial_params(cfg: TrainConfig):
+    """The parameters of cfg.init_from, checked against cfg.model (parameter shapes must agree)."""
+    _, params = load_params(cfg.init_from)
+    try:
+        check_params(cfg.model, params)
+    except ValueError as error:
+        raise ValueError(f"init_from={cfg.init_from!r} is invalid: {error}") from None
+    return params
 
 
 def _record(pending, losses: dict[int, float]) -> dict[str, float]:

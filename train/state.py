@@ -72,12 +72,17 @@ def state_shardings(
     return abstract, shardings
 
 
-def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, shardings) -> dict:
-    """A fresh state, created directly in its shards (jit with out_shardings: no host copy)."""
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, shardings, params=None) -> dict:
+    """A fresh state, created directly in its shards (jit with out_shardings: no host copy).
+    params: start from these parameters (nested dict, e.g. from params_io.load_params) instead of
+    drawing them from `seed`; they are cast to the model's param_dtype."""
 
-    def init():
-        model = build_model(cfg, seed)
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    def init(given):
+        if given is None:
+            model = build_model(cfg, seed)
+            params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        else:
+            params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), given)
         return {
             "params": params,
             "opt_state": tx.init(params),
@@ -85,4 +90,4 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, sh
             "rng": jax.random.key_data(jax.random.key(seed)).astype(jnp.uint32),
         }
 
-    return jax.jit(init, out_shardings=shardings)()
+    return jax.jit(init, out_shardings=shardings)(params)

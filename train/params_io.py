@@ -1,0 +1,171 @@
+"""Model parameters on disk, without the optimizer: for evaluation, generation, conversion and for starting
+a run from them (TrainConfig.init_from).
+
+A parameter directory holds
+    model.yaml   the ModelConfig (mta_jax.config fields)
+    params/      an Orbax StandardSave of the nested dict of nnx.Param values
+A training run directory (train/loop.py) holds config.yaml and checkpoints/<step>/state; `load_params`
+reads either kind, taking only the parameters out of a training checkpoint.
+
+    cfg, params = load_params("runs/toy_small")           # newest checkpoint of a run
+    model = load_model("runs/toy_small")                   # an MTATransformer in eval mode
+    save_params("ckpt/mta", cfg, params)                   # -> a parameter directory
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+from flax import nnx
+
+from mta_jax.config import ModelConfig, model_config_from_dict
+from mta_jax.model import MTATransformer
+
+PyTree = Any
+MODEL_FILE = "model.yaml"
+PARAMS_DIR = "params"
+
+
+def save_params(directory: str | os.PathLike, cfg: ModelConfig, params: PyTree, *, overwrite=False) -> Path:
+    """Writes `params` (nested dict of arrays, as nnx.to_pure_dict gives) and `cfg` to `directory`."""
+    directory = Path(directory).absolute()
+    check_params(cfg, params)
+    if (directory / PARAMS_DIR).exists() and not overwrite:
+        raise ValueError(f"{directory} already holds parameters; pass overwrite=True to replace them")
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / PARAMS_DIR, params, force=overwrite)
+        checkpointer.wait_until_finished()
+    (directory / MODEL_FILE).write_text(yaml.safe_dump(_model_dict(cfg), sort_keys=False))
+    return directory
+
+
+def load_params(path: str | os.PathLike, *, step: int | None = None) -> tuple[ModelConfig, PyTree]:
+    """(ModelConfig, params) from a parameter directory or a training run directory.
+
+    step: which checkpoint of a run (default: the newest); not allowed for a parameter directory.
+    Parameters come back as numpy-backed jax arrays on the default device, in their saved dtype.
+    """
+    path = Path(path).absolute()
+    if (path / MODEL_FILE).is_file():
+        if step is not None:
+            raise ValueError(f"step={step} is invalid: {path} is a parameter directory with one step")
+        cfg = _read_model(path / MODEL_FILE)
+        return cfg, _restore(path / PARAMS_DIR, cfg)
+    if (path / "config.yaml").is_file():
+        cfg = _read_model(path / "config.yaml", key="model")
+        checkpoints = path / "checkpoints"
+        steps = sorted(int(p.name) for p in checkpoints.glob("*") if p.name.isdigit() and p.is_dir())
+        if not steps:
+            raise ValueError(f"checkpoint={str(path)!r} is invalid: the run has no saved checkpoint")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ValueError(f"step={step} is invalid: {path} has checkpoints of steps {steps}")
+        return cfg, _restore(checkpoints / str(step) / "state", cfg, key="params")
+    raise ValueError(
+        f"checkpoint={str(path)!r} is invalid: neither a parameter directory (with {MODEL_FILE}) nor a "
+        "run directory (with config.yaml and checkpoints/)"
+    )
+
+
+def load_model(path: str | os.PathLike, *, step: int | None = None, **overrides) -> MTATransformer:
+    """The MTATransformer saved at `path` (see load_params), in eval mode (dropout off).
+
+    overrides: ModelConfig fields to replace that do not change parameter shapes, e.g.
+    attention_implementation="reference" or dtype="float32".
+    """
+    cfg, params = load_params(path, step=step)
+    if overrides:
+        cfg = model_config_from_dict({**_model_dict(cfg), **overrides})
+    return model_from_params(cfg, params)
+
+
+def model_from_params(cfg: ModelConfig, params: PyTree) -> MTATransformer:
+    """An MTATransformer of `cfg` holding `params` (nested dict), in eval mode."""
+    check_params(cfg, params)
+    model = nnx.eval_shape(lambda: MTATransformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        rest = jax.jit(lambda: nnx.split(MTATransformer(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2])()
+    nnx.replace_by_pure_dict(abstract, params)
+    model = nnx.merge(graphdef, abstract, rest)
+    model.eval()
+    return model
+
+
+def abstract_params(cfg: ModelConfig) -> PyTree:
+    """The nested dict of jax.ShapeDtypeStruct that a model of `cfg` has as parameters."""
+    model = nnx.eval_shape(lambda: MTATransformer(cfg, rngs=nnx.Rngs(0)))
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def check_params(cfg: ModelConfig, params: PyTree, *, flat: bool = False) -> None:
+    """Raises ValueError naming every missing, unexpected or mis-shaped parameter of `params` for `cfg`.
+    flat: params is already a {"layers/0/attention/wq/kernel": array} dict."""
+    expected = _flat(abstract_params(cfg))
+    given = params if flat else _flat(params)
+    problems = [f"missing {name} {tuple(expected[name].shape)}" for name in expected if name not in given]
+    problems += [f"unexpected {name}" for name in given if name not in expected]
+    problems += [
+        f"{name} has shape {tuple(np.shape(given[name]))}, the model needs {tuple(expected[name].shape)}"
+        for name in expected
+        if name in given and tuple(np.shape(given[name])) != tuple(expected[name].shape)
+    ]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise ValueError(f"the parameters do not fit the model config: {shown}")
+
+
+def _flat(tree: PyTree) -> dict[str, Any]:
+    """{"layers/0/attention/wq/kernel": leaf} for a nested dict (integer and string keys alike)."""
+    return {_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _restore(directory: Path, cfg: ModelConfig, key: str | None = None) -> PyTree:
+    """The params subtree of the Orbax pytree in `directory` (only `key` of it when given)."""
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params(cfg))
+    metadata = ocp.PyTreeCheckpointer().metadata(directory)
+    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
+    saved = _flat(tree[key] if key is not None else tree)
+    check_params(cfg, saved, flat=True)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+    target = jax.tree_util.tree_unflatten(
+        treedef, [jax.ShapeDtypeStruct(t.shape, saved[_name(path)].dtype) for path, t in paths]
+    )
+    item = {key: target} if key is not None else target
+    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=_one_device()), item)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            directory,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+        )
+    return restored[key] if key is not None else restored
+
+
+def _one_device() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _read_model(path: Path, key: str | None = None) -> ModelConfig:
+    raw = yaml.safe_load(path.read_text()) or {}
+    data = raw.get(key) if key is not None else raw
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is invalid: it holds no model config mapping")
+    return model_config_from_dict(data)
+
+
+def _model_dict(cfg: ModelConfig) -> dict:
+    from train.config import to_dict  # train.config imports the data stack; keep it off this import path
+
+    return to_dict(cfg)
