@@ -153,10 +153,15 @@ class ModelConfig:
     attention_block_k: int | None = None
     dtype: str = "float32"
     param_dtype: str = "float32"
+    # The FFN width when it is not the reference's formula (ffn_multiple_of, ffn_dim_multiplier), e.g. a
+    # Hugging Face checkpoint's intermediate_size; None: the formula.
+    ffn_hidden_dim_override: int | None = None
 
     def __post_init__(self):
         for field in ("vocab_size", "dim", "num_layers", "num_heads", "ffn_multiple_of"):
             _check_positive_int(field, getattr(self, field))
+        if self.ffn_hidden_dim_override is not None:
+            _check_positive_int("ffn_hidden_dim_override", self.ffn_hidden_dim_override)
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:
@@ -213,6 +218,8 @@ class ModelConfig:
 
     @property
     def ffn_hidden_dim(self) -> int:
+        if self.ffn_hidden_dim_override is not None:
+            return self.ffn_hidden_dim_override
         return swiglu_hidden_dim(self.dim, self.ffn_multiple_of, self.ffn_dim_multiplier)
 
     def layer_mta(self, layer_index: int) -> MTAConfig | None:
