@@ -1,4 +1,5 @@
-"""Grain input pipelines: the toy task (train/toy.py) and packed text, for training and evaluation.
+"""Grain input pipelines: the toy task (train/toy.py), the synthetic needle-in-a-haystack task
+(train/needles.py) and packed text, for training and evaluation.
 
 Every batch is a dict of numpy arrays for this process only (b = global_batch_size // process_count rows):
 inputs int32 [b, T], targets int32 [b, T] (next tokens), weights float32 [b, T] (1 where the loss counts),
@@ -23,9 +24,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from train import toy
+from train import needles, toy
 
-KINDS = ("toy", "text")
+KINDS = ("toy", "text", "needles")
+SYNTHETIC_KINDS = ("toy", "needles")  # generated from (seed, index); evaluated by sequence error too
 BYTE_BOS, BYTE_EOS, BYTE_PAD = 256, 257, 258
 BYTE_VOCAB_SIZE = 259
 TOY_TRAIN_SIZE = 2**30  # training samples are toy indices [0, 2**30); evaluation ones start at 2**30
@@ -48,7 +50,7 @@ def _is_int(x: Any) -> bool:
 class DataConfig:
     """What to read and how. Paths are checked when a pipeline is built, not here."""
 
-    kind: str = "toy"  # "toy" | "text"
+    kind: str = "toy"  # "toy" | "text" | "needles"
     seq_len: int = 256  # T, tokens per row (inputs length)
     # text
     path: str = ""  # a UTF-8 text file, a directory (all *.txt inside, sorted), or a glob
@@ -59,7 +61,11 @@ class DataConfig:
     toy_block_size: int = 5  # N
     toy_query_len: int = 2  # L
     toy_answer: str = "all"  # "all" | "first" | "last"
-    # both
+    # synthetic needle in a haystack (train/needles.py)
+    needles_count: int = 2  # needles per sample
+    needles_key_len: int = 2  # letters per key
+    needles_value_len: int = 2  # digits per value
+    # all
     shuffle: bool = True
     worker_count: int = 0  # grain worker processes (0 = in-process)
 
@@ -84,6 +90,10 @@ class DataConfig:
         # The toy values must always make sense; its seq_len rule applies only to kind="toy".
         seq_len = self.seq_len if self.kind == "toy" else 10**6
         toy.validate(self.toy_block_size, self.toy_query_len, self.toy_answer, seq_len, names=names)
+        names = ("data.seq_len", "data.needles_count", "data.needles_key_len", "data.needles_value_len")
+        seq_len = self.seq_len if self.kind == "needles" else 10**6
+        needle_fields = (self.needles_count, self.needles_key_len, self.needles_value_len)
+        needles.validate(seq_len, *needle_fields, names=names)
         if not isinstance(self.shuffle, bool):
             raise _error("data.shuffle", self.shuffle, "must be true or false")
         if not _is_int(self.worker_count) or self.worker_count < 0:
@@ -91,6 +101,14 @@ class DataConfig:
 
     def toy_task(self) -> toy.ToyTask:
         return toy.ToyTask(self.seq_len, self.toy_block_size, self.toy_query_len, self.toy_answer)
+
+    def needle_task(self) -> needles.NeedleTask:
+        sizes = (self.needles_count, self.needles_key_len, self.needles_value_len)
+        return needles.NeedleTask(self.seq_len, *sizes)
+
+    def synthetic_task(self) -> toy.ToyTask | needles.NeedleTask:
+        """The generator of a synthetic kind: .sample(seed, index) -> one row of the batch contract."""
+        return self.needle_task() if self.kind == "needles" else self.toy_task()
 
 
 # ---------------------------------------------------------------------------------------------- tokenizers
@@ -202,7 +220,9 @@ def load_tokenizer(cfg: DataConfig) -> ByteTokenizer | HFTokenizer | SentencePie
 
 def vocab_size(cfg: DataConfig) -> int:
     """How many token ids the pipeline can emit (the model's vocab_size must be at least this)."""
-    return toy.VOCAB_SIZE if cfg.kind == "toy" else load_tokenizer(cfg).vocab_size
+    if cfg.kind in SYNTHETIC_KINDS:
+        return needles.VOCAB_SIZE if cfg.kind == "needles" else toy.VOCAB_SIZE
+    return load_tokenizer(cfg).vocab_size
 
 
 # ------------------------------------------------------------------------------------------------ documents
@@ -332,8 +352,8 @@ def _check_batching(global_batch_size: Any, seed: Any, process_index: Any, proce
     return global_batch_size // process_count
 
 
-def _toy_batch(task: toy.ToyTask, seed: int, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """The toy samples of `indices`, stacked: each field [len(indices), T]."""
+def _toy_batch(task: Any, seed: int, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """The synthetic samples (toy or needles) of `indices`, stacked: each field [len(indices), T]."""
     rows = [task.sample(seed, int(index)) for index in indices]
     return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
@@ -359,14 +379,14 @@ def train_iterator(
     grain.checkpoint.CheckpointSave / CheckpointRestore.
     """
     b = _check_batching(global_batch_size, seed, process_index, process_count)
-    if cfg.kind == "toy":
+    if cfg.kind in SYNTHETIC_KINDS:
         ds = grain.MapDataset.range(TOY_TRAIN_SIZE)
         if cfg.shuffle:
             ds = ds.shuffle(seed=seed)
         # Global batch i is samples [i*B, (i+1)*B) of the stream; process p takes rows [p*b, (p+1)*b) of it,
         # so the global batch (and each row's place in it) is the same for any number of processes.
         ds = ds.repeat().batch(b, drop_remainder=True)[process_index::process_count]
-        ds = ds.map(functools.partial(_toy_batch, cfg.toy_task(), seed)).to_iter_dataset()
+        ds = ds.map(functools.partial(_toy_batch, cfg.synthetic_task(), seed)).to_iter_dataset()
         return iter(_finish(ds, cfg, None))
     else:
         train_docs, _ = split_documents(cfg)
@@ -395,15 +415,15 @@ def eval_batches(
 ) -> list[dict[str, np.ndarray]]:
     """A fixed held-out set of num_batches per-process batches, the same on every call.
 
-    Toy: samples TOY_EVAL_START + [0, num_batches * global_batch_size), disjoint from training.
+    Toy and needles: samples TOY_EVAL_START + [0, num_batches * global_batch_size), disjoint from training.
     Text: the held-out documents in order (cycling if they run out), packed like training.
     """
     b = _check_batching(global_batch_size, seed, process_index, process_count)
     if not _is_int(num_batches) or num_batches < 1:
         raise _error("num_batches", num_batches, "must be a positive integer")
-    if cfg.kind == "toy":
+    if cfg.kind in SYNTHETIC_KINDS:
         ds = grain.MapDataset.range(TOY_EVAL_START, TOY_EVAL_START + num_batches * global_batch_size)
-        make_batch = functools.partial(_toy_batch, cfg.toy_task(), seed)
+        make_batch = functools.partial(_toy_batch, cfg.synthetic_task(), seed)
         return [make_batch(ds.batch(b)[process_index::process_count][i]) for i in range(num_batches)]
     _, eval_docs = split_documents(cfg)
     ds = text_rows(
