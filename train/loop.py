@@ -205,7 +205,7 @@ def train(cfg: TrainConfig) -> RunResult:
                     values.update(_throughput(window_steps, elapsed, tokens_per_step, flops_per_token, peak))
                     logger.log(step, values)
                 if must_eval:
-                    toy = cfg.data.kind == "toy"
+                    toy = cfg.data.kind in data_lib.SYNTHETIC_KINDS
                     eval_values = _evaluate(
                         evaluate, state["params"], eval_data, batch_sharding(mesh), toy=toy
                     )
