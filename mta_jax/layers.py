@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec
 
 from mta_jax.attention import multi_token_attention
 from mta_jax.config import MTAConfig
+from mta_jax.decode import LayerCache, attend_window, init_layer_cache
 from mta_jax.masks import default_positions
 from mta_jax.params import MTAParams, init_mta_params
 from mta_jax.rope import RopeScaling, apply_rope
@@ -182,3 +183,26 @@ class MultiTokenAttention(nnx.Module):
             block_k=self.block_k,
         )
         return self.wo(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> LayerCache:
+        """An empty decoding cache for max_len positions (k, v in `dtype`, default the layer's dtype)."""
+        dtype = dtype or self.dtype or self.wk.kernel.dtype
+        return init_layer_cache(
+            self.mta, batch, max_len, self.num_heads, self.num_kv_heads, self.head_dim, jnp.dtype(dtype)
+        )
+
+    def decode(
+        self, x: jax.Array, cache: LayerCache, *, positions: jax.Array, segment_ids: jax.Array
+    ) -> tuple[jax.Array, LayerCache]:
+        """n new tokens after the cached ones (mta_jax/decode.py): x [B, n, dim]; positions,
+        segment_ids: [B, n]. Returns ([B, n, dim], the cache with them appended); never dropout."""
+        batch, seq_len, _ = x.shape
+        q = self.wq(x).reshape(batch, seq_len, self.num_heads, self.head_dim)
+        k = self.wk(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v = self.wv(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        q = apply_rope(q, positions, self.rope_theta, self.rope_style, self.rope_scaling)
+        k = apply_rope(k, positions, self.rope_theta, self.rope_style, self.rope_scaling)
+        out, cache = attend_window(
+            q, k, v, cache, self.mta_params(), self.mta, segment_ids=segment_ids, layer_index=self.layer_index
+        )
+        return self.wo(out.reshape(batch, seq_len, self.num_heads * self.head_dim)), cache

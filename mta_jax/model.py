@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mta_jax.config import ModelConfig
+from mta_jax.decode import LayerCache, ModelCache, continued_positions
 from mta_jax.layers import ACTIVATION_AXES, MultiTokenAttention, RMSNorm, SwiGLU, constrain, truncated_normal
 from mta_jax.masks import default_positions
 
@@ -48,6 +49,14 @@ class DecoderBlock(nnx.Module):
             deterministic=deterministic,
         )
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def decode(self, x, cache: LayerCache, *, positions, segment_ids) -> tuple[jax.Array, LayerCache]:
+        """__call__ for n new tokens after the cached ones: x [B, n, dim] -> ([B, n, dim], cache)."""
+        attended, cache = self.attention.decode(
+            self.attention_norm(x), cache, positions=positions, segment_ids=segment_ids
+        )
+        h = x + attended
+        return h + self.feed_forward(self.ffn_norm(h)), cache
 
 
 class MTATransformer(nnx.Module):
@@ -105,6 +114,57 @@ class MTATransformer(nnx.Module):
         h = self.norm(h)
         logits = self.tok_embeddings.attend(h) if self.output is None else self.output(h)
         return logits.astype(jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> ModelCache:
+        """An empty decoding cache for `batch` rows of up to max_len tokens (see mta_jax/decode.py).
+        dtype: of the cached keys and values (default: the model's dtype). Raises ValueError when a
+        layer is not causal."""
+        return ModelCache(
+            layers=tuple(layer.attention.init_cache(batch, max_len, dtype) for layer in self.layers),
+            last_segment=jnp.zeros((batch,), jnp.int32),
+            last_position=jnp.full((batch,), -1, jnp.int32),
+        )
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        cache: ModelCache,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, ModelCache]:
+        """Logits of n new tokens [B, n] that follow the cached ones, and the cache with them appended.
+
+        Prefill (n = prompt or chunk length) and generation steps (n = 1) alike give the logits that
+        __call__ gives on the whole sequence at those positions. segment_ids: [B, n] document ids >= 0
+        (default: the last cached token's, i.e. continue its document); positions: [B, n] RoPE positions
+        (default: continue the last cached token's document, restart at 0 at a new segment id).
+        Returns (logits [B, n, vocab] float32, cache). Keep cache.length + n <= cache.max_len.
+        """
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(
+                f"tokens with shape {tokens.shape} and dtype {tokens.dtype} is invalid: "
+                "must be integer [B, n]"
+            )
+        if segment_ids is None:
+            segment_ids = jnp.broadcast_to(cache.last_segment[:, None], tokens.shape)
+        segment_ids = segment_ids.astype(jnp.int32)
+        if positions is None:
+            positions = continued_positions(segment_ids, cache.last_segment, cache.last_position)
+        positions = jnp.broadcast_to(positions, tokens.shape)
+        h = self.tok_embeddings(tokens)
+        layer_caches = []
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            h, layer_cache = layer.decode(h, layer_cache, positions=positions, segment_ids=segment_ids)
+            layer_caches.append(layer_cache)
+        h = self.norm(h)
+        logits = self.tok_embeddings.attend(h) if self.output is None else self.output(h)
+        cache = ModelCache(
+            layers=tuple(layer_caches),
+            last_segment=segment_ids[:, -1],
+            last_position=positions[:, -1].astype(jnp.int32),
+        )
+        return logits.astype(jnp.float32), cache
 
 
 def count_params(cfg: ModelConfig) -> int:
