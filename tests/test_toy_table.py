@@ -1,0 +1,85 @@
+"""The toy task learned end to end, and bench/toy_table.py (its table, its JSON, resuming a table)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.toy_table import cell, main, render, run_config
+from tests.train_helpers import ROOT
+from train.config import load_train_config, train_config_from_dict
+from train.loop import train
+
+# An easy toy setting: about 3 blocks of N = 3 letters in 16 tokens, answer = the block's first letter.
+EASY = {
+    "model": {"vocab_size": 31, "dim": 32, "num_layers": 2, "num_heads": 2, "mta": {"pre_conv": [2, 5]}},
+    "data": {"kind": "toy", "seq_len": 16, "toy_block_size": 3, "toy_query_len": 2, "toy_answer": "first"},
+    "optimizer": {"learning_rate": 1e-2, "warmup_steps": 50, "decay": "cosine", "final_lr_fraction": 0.1},
+    "checkpoint": {"every": 1000, "keep": 1, "async_save": False},
+    "steps": 300,
+    "global_batch_size": 32,
+    "log_every": 100,
+    "eval_batches": 4,
+    "progress": False,
+}
+
+
+def test_mta_learns_an_easy_toy_setting_to_a_low_error(tmp_path):
+    # A fixed seed: this checks that training works, not that every seed converges in 300 steps.
+    result = train(train_config_from_dict({**EASY, "run_dir": str(tmp_path / "run"), "seed": 0}))
+    # 128 held-out samples; chance for a first letter among ~9 candidates is ~89% error
+    assert result.eval_metrics["sequence_error"] < 0.1
+
+
+def test_cell_is_mean_and_sample_std_in_percent():
+    assert cell([0.0, 0.5, 1.0]) == "50.0 ± 50.0"
+    assert cell([0.25]) == "25.0"
+
+
+def test_render_puts_ours_beside_the_paper():
+    report = {
+        "answers": ["all", "last"],
+        "seeds": [0, 1],
+        "command": "python bench/toy_table.py",
+        "device": "cpu",
+        "setting": dict(eval_samples=512, block_size=3, query_len=2, seq_len=32, steps=9, batch=4),
+        "runs": [
+            {"model": "MTA", "answer": "all", "seed": 0, "sequence_error": 0.0},
+            {"model": "MTA", "answer": "all", "seed": 1, "sequence_error": 0.02},
+            {"model": "Transformer", "answer": "all", "seed": 0, "sequence_error": 0.9},
+        ],
+    }
+    table = render(report)
+    assert "| MTA | 1.0 ± 1.4 | - | 0.1 ± 0.1 | 0.0 ± 0.0 |" in table
+    assert "| Transformer | 90.0 | - | 51.6 ± 43.1 | 1.3 ± 0.4 |" in table
+
+
+def test_run_config_swaps_the_model_answer_and_seed(tmp_path):
+    cfg = load_train_config(ROOT / "configs/train/toy_table.yaml")
+    base = run_config(cfg, "Transformer", "last", 2, tmp_path)
+    assert base.model.mta is None and base.model.dim == cfg.model.dim
+    assert base.data.toy_answer == "last" and base.seed == 2 and base.run_dir.startswith(str(tmp_path))
+    assert run_config(cfg, "MTA", "all", 0, tmp_path).model == cfg.model
+
+
+def test_the_script_writes_json_and_markdown_and_keeps_finished_runs(tmp_path, capsys):
+    args = ["--steps", "2", "--seeds", "0", "--answers", "last", "--models", "MTA"]
+    args += ["--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")]
+    report = main(args)
+    saved = json.loads((tmp_path / "out/toy_table.json").read_text())
+    assert saved == report and len(saved["runs"]) == 1
+    run = saved["runs"][0]
+    assert run["model"] == "MTA" and 0.0 <= run["sequence_error"] <= 1.0 and run["seconds"] > 0
+    assert "| MTA | " in (tmp_path / "out/toy_table.md").read_text()
+    # run again: the finished run is kept, nothing is trained
+    capsys.readouterr()
+    again = main(args)
+    assert again["runs"] == saved["runs"] and "error" not in capsys.readouterr().out.split("|")[0]
+
+
+def test_a_config_without_mta_is_refused(tmp_path):
+    path = tmp_path / "base.yaml"
+    path.write_text("model: {vocab_size: 31, dim: 32, num_layers: 1, num_heads: 2}\ndata: {kind: toy}\n")
+    with pytest.raises(ValueError, match="needs data.kind toy and a model with MTA"):
+        main(["--config", str(path), "--out", str(tmp_path)])
