@@ -30,7 +30,6 @@ import jax  # noqa: E402
 
 from mta_jax.model import count_params  # noqa: E402
 from train.config import TrainConfig, load_train_config  # noqa: E402
-from train.evaluate import main as evaluate  # noqa: E402
 from train.loop import train  # noqa: E402
 
 MODELS = ("baseline", "mta")
@@ -85,6 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "runs": {},
     }
+    from train.evaluate import main as evaluate  # the evaluation CLI, scoring each final checkpoint
+
     for model in MODELS:
         run_cfg = run_config(cfg, model, Path(args.runs_dir))
         start = time.perf_counter()
