@@ -21,26 +21,22 @@ from mta_jax.model import MTATransformer
 PROMPT_SEGMENT, PADDING_SEGMENT = 1, 0
 
 
-def filter_top_k(logits: jax.Array, k: int) -> jax.Array:
-    """logits [..., V] with all but the k largest set to -inf (exactly k kept, ties by lower index)."""
-    vocab = logits.shape[-1]
-    if k >= vocab:
-        return logits
-    _, indices = jax.lax.top_k(logits, k)
-    keep = jnp.zeros(logits.shape, bool)
-    keep = jnp.put_along_axis(keep, indices, True, axis=-1, inplace=False)
-    return jnp.where(keep, logits, -jnp.inf)
+def filter_top_k(logits: jax.Array, k: int | jax.Array) -> jax.Array:
+    """logits [..., V] with all but the k largest set to -inf: exactly k kept (ties go to the lower
+    index); k may be traced."""
+    order = jnp.argsort(-logits, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1)  # rank of each token, 0 = most probable
+    return jnp.where(rank < k, logits, -jnp.inf)
 
 
-def filter_top_p(logits: jax.Array, p: float) -> jax.Array:
+def filter_top_p(logits: jax.Array, p: float | jax.Array) -> jax.Array:
     """logits [..., V] keeping the smallest set of most probable tokens whose probability mass is >= p
-    (nucleus sampling); the others -inf. The most probable token is always kept."""
+    (nucleus sampling), the others -inf; the most probable token is always kept. p may be traced."""
     order = jnp.argsort(-logits, axis=-1, stable=True)
     sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = mass_before < p
-    keep_sorted = keep_sorted.at[..., 0].set(True)
-    keep = jnp.put_along_axis(jnp.zeros(logits.shape, bool), order, keep_sorted, axis=-1, inplace=False)
+    keep_sorted = (mass_before < p).at[..., 0].set(True)
+    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
     return jnp.where(keep, logits, -jnp.inf)
 
 
@@ -59,11 +55,19 @@ def sample_logits(
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if rng is None:
         raise ValueError(f"rng=None is invalid: temperature={temperature} > 0 samples and needs a PRNG key")
+    settings = _sampling_settings(temperature, top_k, top_p, logits.shape[-1])
+    return _draw(logits, rng, *settings)
+
+
+def _sampling_settings(temperature, top_k, top_p, vocab_size) -> jax.Array:
+    """(temperature, k, p) as arrays, so that other values reuse the compiled program."""
+    k = vocab_size if top_k is None else min(top_k, vocab_size)
+    return jnp.float32(temperature), jnp.int32(k), jnp.float32(1.0 if top_p is None else top_p)
+
+
+def _draw(logits, rng, temperature, k, p) -> jax.Array:
     logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        logits = filter_top_k(logits, top_k)
-    if top_p is not None:
-        logits = filter_top_p(logits, top_p)
+    logits = filter_top_p(filter_top_k(logits, k), p)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
@@ -145,24 +149,24 @@ def generate(
         prompt_tokens.astype(jnp.int32),
         prompt_lengths,
         rng,
+        _sampling_settings(temperature, top_k, top_p, model.cfg.vocab_size),
+        jnp.int32(-1 if eos_id is None else eos_id),
         max_new_tokens=max_new_tokens,
         max_len=max_len,
         chunk=chunk,
-        sampling=(float(temperature), top_k, top_p),
-        eos_id=eos_id,
+        greedy=temperature == 0,
         pad_id=pad_id,
     )
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "max_new_tokens", "max_len", "chunk", "sampling", "eos_id", "pad_id"),
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "chunk", "greedy", "pad_id")
 )
 def _generate(
-    graphdef, state, prompt, lengths, rng, *, max_new_tokens, max_len, chunk, sampling, eos_id, pad_id
+    graphdef, state, prompt, lengths, rng, settings, eos_id, *, max_new_tokens, max_len, chunk, greedy, pad_id
 ):
+    """The jitted body of generate(); settings = (temperature, k, p) arrays, eos_id -1 for none."""
     model = nnx.merge(graphdef, state)
-    temperature, top_k, top_p = sampling
     batch, prompt_len = prompt.shape
     shift = prompt_len - lengths  # left padding of each row
     index = jnp.arange(prompt_len)
@@ -175,11 +179,14 @@ def _generate(
     for start in range(0, prompt_len, chunk):
         stop = min(start + chunk, prompt_len)
         logits, cache = model.decode(tokens[:, start:stop], cache, segment_ids=segments[:, start:stop])
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def sample(logits, key):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else _draw(logits, key, *settings)
+
     first = sample(logits[:, -1], jax.random.fold_in(rng, 0))
-    new_tokens = jnp.full((batch, max_new_tokens), pad_id if eos_id is None else eos_id, jnp.int32)
-    new_tokens = new_tokens.at[:, 0].set(first)
-    done = jnp.zeros((batch,), bool) if eos_id is None else first == eos_id
+    fill = jnp.where(eos_id >= 0, eos_id, pad_id)
+    new_tokens = jnp.full((batch, max_new_tokens), fill, jnp.int32).at[:, 0].set(first)
+    done = first == eos_id  # never true without an eos_id (-1)
 
     def not_finished(carry):
         step, _, _, done = carry
@@ -189,9 +196,8 @@ def _generate(
         step, cache, new_tokens, done = carry
         logits, cache = model.decode(jax.lax.dynamic_slice_in_dim(new_tokens, step - 1, 1, axis=1), cache)
         token = sample(logits[:, -1], jax.random.fold_in(rng, step))
-        if eos_id is not None:
-            token = jnp.where(done, eos_id, token)
-            done = done | (token == eos_id)
+        token = jnp.where(done, eos_id, token)
+        done = done | (token == eos_id)
         new_tokens = jax.lax.dynamic_update_slice(new_tokens, token[:, None], (0, step))
         return step + 1, cache, new_tokens, done
 
