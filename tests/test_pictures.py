@@ -1,0 +1,302 @@
+"""train/pictures.py: the attention weights it draws, and its CLI end to end on tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from matplotlib import image as mpimg
+
+from mta_jax.config import ModelConfig
+from mta_jax.layers import MTA_PARAM_NAMES
+from mta_jax.masks import default_positions
+from mta_jax.model import MTATransformer
+from mta_jax.params import MTAParams
+from tests.helpers import random_mta_params
+from tests.loops import conv_loop, mix_loop, softmax_rows
+from train import toy
+from train.config import TrainConfig, dump
+from train.data import TOY_EVAL_START, DataConfig
+from train.params_io import save_params
+from train.pictures import (
+    ToyTokens,
+    attention_inputs,
+    choose_tokens,
+    layer_attention_maps,
+    main,
+    output_from_weights,
+    parse_indices,
+    picture_input,
+    queries_keys_values,
+)
+
+# Every MTA part on; the key-query conv only in layer 1, so layer 0 has head mixing alone.
+FULL = ModelConfig(
+    vocab_size=31,
+    dim=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    kq_conv_layers=(1,),
+    attention_implementation="reference",
+    mta={
+        "pre_conv": (2, 3),
+        "post_conv": (3, 3),
+        "pre_head_mix": 4,
+        "post_head_mix": 2,
+        "group_norm": True,
+        "gate": "scalar",
+    },
+)
+PRE_CONV_ONLY = ModelConfig(
+    vocab_size=31,
+    dim=32,
+    num_layers=2,
+    num_heads=2,
+    attention_implementation="reference",
+    mta={"pre_conv": (3, 5)},
+)
+
+
+def _model(cfg: ModelConfig, rng: np.random.Generator, *, random_mta: bool = True) -> MTATransformer:
+    """A fresh model in eval mode; random_mta: every MTA parameter random instead of the identity."""
+    model = MTATransformer(cfg, rngs=nnx.Rngs(int(rng.integers(2**31))))
+    if random_mta:
+        for block in model.layers:
+            attention = block.attention
+            values = random_mta_params(attention.mta, attention.num_heads, attention.head_dim, rng)
+            for name in MTA_PARAM_NAMES:
+                if getattr(values, name) is not None:
+                    getattr(attention, name)[...] = getattr(values, name)
+    model.eval()
+    return model
+
+
+def _tokens(rng: np.random.Generator, length: int = 14) -> jnp.ndarray:
+    return jnp.asarray(rng.integers(0, 31, (1, length)), jnp.int32)
+
+
+@nnx.jit
+def _layer_results(model: MTATransformer, tokens: jnp.ndarray) -> list[dict]:
+    """Per layer: the weights, q and k, the layer's own output and the outputs rebuilt from the weights."""
+    positions = default_positions(tokens.shape[1], None)
+    results = []
+    for block, x in zip(model.layers, attention_inputs(model, tokens), strict=True):
+        attention = block.attention
+        maps = layer_attention_maps(attention, x)
+        q, k, _ = queries_keys_values(attention, x)
+        results.append(
+            {
+                "before": maps.before,
+                "after": maps.after,
+                "q": q,
+                "k": k,
+                "output": attention(x, positions=positions, deterministic=True),
+                "from_after": output_from_weights(attention, x, maps.after),
+                "from_before": output_from_weights(attention, x, maps.before),
+            }
+        )
+    return results
+
+
+def _loop_weights(q, k, params: MTAParams, pad_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(before, after) [H, T, T] by the float64 loops of tests/loops.py; q: [T, H, D], k: [T, Hkv, D]."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    p = {name: None if v is None else np.asarray(v, np.float64) for name, v in vars(params).items()}
+    seq_len, num_heads, head_dim = q.shape
+    group = num_heads // k.shape[1]
+    visible = np.tril(np.ones((seq_len, seq_len), bool))
+    scores = np.stack([q[:, h] @ k[:, h // group].T / np.sqrt(head_dim) for h in range(num_heads)])
+    before = np.stack([softmax_rows(s, visible) for s in scores])
+    if p["pre_conv"] is not None:
+        scores = np.stack(
+            [
+                conv_loop(np.where(visible, s, 0.0), w, pad_key)
+                for s, w in zip(scores, p["pre_conv"], strict=True)
+            ]
+        )
+    if p["pre_head_mix"] is not None:
+        scores = mix_loop(scores, p["pre_head_mix"])
+    after = np.stack([softmax_rows(s, visible) for s in scores])
+    if p["post_conv"] is not None:
+        after = np.stack(
+            [
+                np.where(visible, conv_loop(s, w, pad_key), 0.0)
+                for s, w in zip(after, p["post_conv"], strict=True)
+            ]
+        )
+    if p["post_head_mix"] is not None:
+        after = mix_loop(after, p["post_head_mix"])
+    return before, after
+
+
+@pytest.mark.parametrize("cfg", [FULL, PRE_CONV_ONLY], ids=["full", "pre_conv_only"])
+def test_weights_match_float64_loops_and_reproduce_the_layer_output(cfg, rng):
+    model = _model(cfg, rng)
+    for block, result in zip(model.layers, _layer_results(model, _tokens(rng)), strict=True):
+        attention = block.attention
+        before, after = _loop_weights(
+            result["q"][0], result["k"][0], attention.mta_params(), attention.mta.pad_key
+        )
+        np.testing.assert_allclose(result["before"][0], before, atol=2e-5)
+        np.testing.assert_allclose(result["after"][0], after, atol=2e-5)
+        # The layer's own forward: "after" times V must give its output, "before" must not.
+        np.testing.assert_allclose(result["from_after"], result["output"], atol=2e-5)
+        assert not np.allclose(result["from_before"], result["output"], atol=1e-3)
+
+
+def test_identity_mta_parameters_change_nothing(rng):
+    model = _model(FULL, rng, random_mta=False)
+    for result in _layer_results(model, _tokens(rng)):
+        np.testing.assert_allclose(result["after"], result["before"], atol=1e-6)
+        np.testing.assert_allclose(result["from_after"], result["output"], atol=2e-5)
+
+
+def test_pre_conv_weights_are_causal_distributions(rng):
+    model = _model(PRE_CONV_ONLY, rng)
+    for result in _layer_results(model, _tokens(rng, 20)):
+        for weights in (result["before"], result["after"]):
+            weights = np.asarray(weights)
+            assert weights.shape == (1, 2, 20, 20)
+            np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+            assert (weights >= 0).all()
+            assert (np.triu(weights[0], 1) == 0).all()  # no weight on a future key
+        assert not np.allclose(result["before"], result["after"], atol=1e-3)  # the random kernels act
+
+
+def _parameter_dir(directory, cfg, rng, *, random_mta=True):
+    model = _model(cfg, rng, random_mta=random_mta)
+    return save_params(directory, cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _run_dir(directory, cfg, rng, step, seed):
+    """A training run directory as train/loop.py leaves it: config.yaml and checkpoints/<step>/state."""
+    from train.checkpoint import CheckpointConfig, Checkpointer
+
+    model = _model(cfg, rng)
+    data = DataConfig(kind="toy", seq_len=24, toy_block_size=3)
+    directory.mkdir()
+    (directory / "config.yaml").write_text(dump(TrainConfig(model=cfg, data=data, seed=seed)))
+    with Checkpointer(directory / "checkpoints", CheckpointConfig(async_save=False)) as checkpointer:
+        checkpointer.save(step, {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}, force=True)
+    return directory
+
+
+def _check_png(path, min_side=150, max_side=4000):
+    pixels = mpimg.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[2] in (3, 4)
+    assert min_side <= pixels.shape[0] <= max_side and min_side <= pixels.shape[1] <= max_side
+    assert pixels[..., :3].std() > 0.05  # not a blank canvas
+    return pixels.shape
+
+
+def test_cli_draws_kernels_head_mixing_and_attention_maps(tmp_path, rng, capsys):
+    checkpoint = _parameter_dir(tmp_path / "params", FULL, rng)
+    out = tmp_path / "pictures"
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--text", "abc.dbe#ab"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    names = [entry["file"] for entry in index["files"]]
+    expected = ["kernels_pre.png", "kernels_post.png", "head_mix.png", "attention_layer0.png"]
+    assert names == [*expected, "attention_layer1.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "index.json"])
+    assert index["tokens"] == list("^abc.dbe#ab") and index["heads"] == [0, 1, 2, 3]
+    shapes = {name: _check_png(out / name) for name in names}
+    # kernels: one row (layer 1) of four heads; attention: four rows (heads) of two panels
+    assert shapes["kernels_pre.png"][1] > 3 * shapes["kernels_pre.png"][0]
+    assert 1.5 < shapes["attention_layer1.png"][0] / shapes["attention_layer1.png"][1] < 2.5
+    assert all(p.stat().st_size < 300_000 for p in out.iterdir())
+    assert "kernels_pre.png" in capsys.readouterr().out
+
+    few = tmp_path / "few"
+    assert main(["--checkpoint", str(checkpoint), "--out", str(few), "--layers", "0", "--heads", "1"]) == 0
+    index = json.loads((few / "index.json").read_text())
+    assert [entry["file"] for entry in index["files"]] == ["head_mix.png", "attention_layer0.png"]
+    assert index["input"].startswith("toy sample 0: ") and index["layers"] == [0] and index["heads"] == [1]
+    assert "no key-query convolution" in index["notes"][0]
+    height, width = _check_png(few / "attention_layer0.png")[:2]
+    assert height < 0.8 * width  # one row (head) of two panels
+
+
+def test_cli_draws_a_toy_sample_of_a_run_directory(tmp_path, rng):
+    run = _run_dir(tmp_path / "run", PRE_CONV_ONLY, rng, step=7, seed=5)
+    out = tmp_path / "pictures"
+    assert main(["--checkpoint", str(run), "--out", str(out), "--toy-sample", "3"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    text = DataConfig(kind="toy", seq_len=24, toy_block_size=3).toy_task().text(5, TOY_EVAL_START + 3)
+    assert index["input"] == f"toy sample 3: {text}" and index["tokens"] == list("^" + text)
+    assert index["step"] == 7
+    assert [entry["file"] for entry in index["files"]] == [
+        "kernels.png",
+        "attention_layer0.png",
+        "attention_layer1.png",
+    ]
+    for entry in index["files"]:
+        _check_png(out / entry["file"])
+
+
+def test_cli_on_a_baseline_draws_attention_and_says_there_are_no_kernels(tmp_path, rng, capsys):
+    checkpoint = _parameter_dir(tmp_path / "params", PRE_CONV_ONLY.baseline(), rng, random_mta=False)
+    out = tmp_path / "pictures"
+    assert (
+        main(["--checkpoint", str(checkpoint), "--out", str(out), "--text", "^ab.cd#a", "--max-tokens", "5"])
+        == 0
+    )
+    index = json.loads((out / "index.json").read_text())
+    assert [entry["file"] for entry in index["files"]] == ["attention_layer0.png", "attention_layer1.png"]
+    assert "baseline" in index["notes"][0] and "note: no key-query convolution" in capsys.readouterr().out
+    assert index["tokens"] == list("^ab.c") and "first 5 of 8 tokens" in index["input"]
+    _check_png(out / "attention_layer1.png", min_side=100)
+
+
+def test_errors_name_the_argument(tmp_path, rng, capsys):
+    checkpoint = _parameter_dir(tmp_path / "params", PRE_CONV_ONLY, rng)
+    out = str(tmp_path / "out")
+    cli_cases = [
+        (["--checkpoint", str(tmp_path / "missing")], "checkpoint='.*missing' is invalid: no such directory"),
+        (["--checkpoint", str(tmp_path)], r"checkpoint='.*' is invalid: neither a parameter directory"),
+        (
+            ["--checkpoint", str(checkpoint), "--layers", "0,2"],
+            r"layers='0,2' is invalid: layer index 2 is out of range \[0, 2\)",
+        ),
+        (
+            ["--checkpoint", str(checkpoint), "--text", "Hi!"],
+            r"text='Hi!' is invalid: characters \['!', 'H'\] are not in",
+        ),
+    ]
+    for argv, message in cli_cases:
+        assert main([*argv, "--out", out]) == 2
+        assert re.search(f"error: {message}", capsys.readouterr().err), argv
+
+    with pytest.raises(ValueError, match="heads='x' is invalid: must be comma-separated integers"):
+        parse_indices("heads", "x", 4, "head")
+    with pytest.raises(ValueError, match=r"heads='1,4' is invalid: head index 4 is out of range \[0, 4\)"):
+        parse_indices("heads", "1,4", 4, "head")
+
+    def make(text=None, toy_sample=None, tokens=None):
+        tokens = ToyTokens() if tokens is None else tokens
+        return picture_input(checkpoint, tokens, 31, text=text, toy_sample=toy_sample, max_tokens=8)
+
+    with pytest.raises(ValueError, match="text='' is invalid: must hold at least one character"):
+        make(text="")
+    with pytest.raises(ValueError, match="toy_sample=-1 is invalid: must be >= 0"):
+        make(toy_sample=-1)
+    byte_tokens = choose_tokens(checkpoint, "byte", 31)
+    with pytest.raises(
+        ValueError, match="text='ab' is invalid: token id 257 is outside the model's vocab_size=31"
+    ):
+        make(text="ab", tokens=byte_tokens)
+    with pytest.raises(ValueError, match="text=None is invalid: the checkpoint is not a toy-task model"):
+        make(tokens=byte_tokens)
+    with pytest.raises(
+        ValueError, match="tokenizer=None is invalid: .* vocab_size=1000 and no tokenizer.json"
+    ):
+        choose_tokens(checkpoint, None, 1000)
+
+
+def test_toy_text_gets_a_bos_unless_it_has_one():
+    assert toy.decode(ToyTokens().encode("ab#a")) == "^ab#a"
+    assert toy.decode(ToyTokens().encode("^ab#a")) == "^ab#a"
