@@ -3,7 +3,8 @@
     tokens = generate(model, prompt [B, P], 32, rng=jax.random.key(0), temperature=0.8, top_p=0.9)
 
 The whole of it (prefill and a lax.while_loop over the steps) is one jitted program, compiled once per
-shape and sampling setting, not once per token. Prompts of different lengths share a batch: pass
+shape (and once more for sampling instead of greedy decoding), not once per token: the sampling settings
+and eos_id are traced values. Prompts of different lengths share a batch: pass
 prompt_lengths and each row is left-padded internally as a separate padding document (segment 0), which
 MTA's packing-correct attention never reads, so each row gives what it would give alone.
 """
@@ -24,20 +25,29 @@ PROMPT_SEGMENT, PADDING_SEGMENT = 1, 0
 def filter_top_k(logits: jax.Array, k: int | jax.Array) -> jax.Array:
     """logits [..., V] with all but the k largest set to -inf: exactly k kept (ties go to the lower
     index); k may be traced."""
-    order = jnp.argsort(-logits, axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1)  # rank of each token, 0 = most probable
-    return jnp.where(rank < k, logits, -jnp.inf)
+    return _filtered(logits, k, 1.0)
 
 
 def filter_top_p(logits: jax.Array, p: float | jax.Array) -> jax.Array:
     """logits [..., V] keeping the smallest set of most probable tokens whose probability mass is >= p
     (nucleus sampling), the others -inf; the most probable token is always kept. p may be traced."""
+    return _filtered(logits, logits.shape[-1], p)
+
+
+def _filtered(logits, k, p):
     order = jnp.argsort(-logits, axis=-1, stable=True)
-    sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, axis=-1), order, axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = (mass_before < p).at[..., 0].set(True)
-    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), axis=-1)
-    return jnp.where(keep, logits, -jnp.inf)
+    kept = _top_k_top_p(jnp.take_along_axis(logits, order, axis=-1), k, p)
+    return jnp.put_along_axis(jnp.full_like(logits, -jnp.inf), order, kept, axis=-1, inplace=False)
+
+
+def _top_k_top_p(sorted_logits: jax.Array, k, p) -> jax.Array:
+    """Logits sorted in decreasing order [..., V] with those outside the top k, then outside the smallest
+    prefix of mass >= p (of the top-k distribution), set to -inf."""
+    rank = jnp.arange(sorted_logits.shape[-1])
+    sorted_logits = jnp.where(rank < k, sorted_logits, -jnp.inf)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    return jnp.where((mass_before < p) | (rank == 0), sorted_logits, -jnp.inf)
 
 
 def sample_logits(
@@ -65,10 +75,14 @@ def _sampling_settings(temperature, top_k, top_p, vocab_size) -> jax.Array:
     return jnp.float32(temperature), jnp.int32(k), jnp.float32(1.0 if top_p is None else top_p)
 
 
+@jax.jit
 def _draw(logits, rng, temperature, k, p) -> jax.Array:
+    """One token per row [B] from logits [B, V]: one sort, the filters in sorted order, one draw."""
     logits = logits.astype(jnp.float32) / temperature
-    logits = filter_top_p(filter_top_k(logits, k), p)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    order = jnp.argsort(-logits, axis=-1, stable=True)
+    kept = _top_k_top_p(jnp.take_along_axis(logits, order, axis=-1), k, p)
+    choice = jax.random.categorical(rng, kept, axis=-1)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def check_sampling(temperature, top_k, top_p) -> None:
@@ -120,10 +134,10 @@ def generate(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an integer >= 1")
     max_len = prompt_len + max_new_tokens if max_len is None else max_len
-    if max_len < prompt_len + max_new_tokens - 1:
+    if max_len < prompt_len + max_new_tokens:
         raise ValueError(
-            f"max_len={max_len} is invalid: the cache must hold the prompt and the new tokens fed back "
-            f"(>= {prompt_len + max_new_tokens - 1})"
+            f"max_len={max_len} is invalid: the cache must hold the prompt and the new tokens "
+            f"(>= {prompt_len + max_new_tokens})"
         )
     chunk = prompt_len if prefill_chunk is None else prefill_chunk
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
@@ -183,25 +197,25 @@ def _generate(
     def sample(logits, key):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else _draw(logits, key, *settings)
 
-    first = sample(logits[:, -1], jax.random.fold_in(rng, 0))
     fill = jnp.where(eos_id >= 0, eos_id, pad_id)
-    new_tokens = jnp.full((batch, max_new_tokens), fill, jnp.int32).at[:, 0].set(first)
-    done = first == eos_id  # never true without an eos_id (-1)
+    new_tokens = jnp.full((batch, max_new_tokens), fill, jnp.int32)
+    done = jnp.zeros((batch,), bool)
 
     def not_finished(carry):
-        step, _, _, done = carry
+        step, _, _, _, done = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def one_step(carry):
-        step, cache, new_tokens, done = carry
-        logits, cache = model.decode(jax.lax.dynamic_slice_in_dim(new_tokens, step - 1, 1, axis=1), cache)
-        token = sample(logits[:, -1], jax.random.fold_in(rng, step))
-        token = jnp.where(done, eos_id, token)
-        done = done | (token == eos_id)
+        """Samples token `step` from the last logits, writes it, and decodes it (its logits, next)."""
+        step, logits, cache, new_tokens, done = carry
+        token = jnp.where(done, eos_id, sample(logits, jax.random.fold_in(rng, step)))
+        done = done | (token == eos_id)  # never true without an eos_id (-1)
         new_tokens = jax.lax.dynamic_update_slice(new_tokens, token[:, None], (0, step))
-        return step + 1, cache, new_tokens, done
+        logits, cache = model.decode(token[:, None], cache)
+        return step + 1, logits[:, -1], cache, new_tokens, done
 
-    _, _, new_tokens, _ = jax.lax.while_loop(not_finished, one_step, (jnp.int32(1), cache, new_tokens, done))
+    carry = (jnp.int32(0), logits[:, -1], cache, new_tokens, done)
+    new_tokens = jax.lax.while_loop(not_finished, one_step, carry)[3]
     # Row b: prompt[:length], then its new tokens, then pad_id.
     width = prompt_len + max_new_tokens
     column = jnp.arange(width)[None, :]
