@@ -158,10 +158,10 @@ def test_identity_mta_parameters_change_nothing(rng):
 
 def test_pre_conv_weights_are_causal_distributions(rng):
     model = _model(PRE_CONV_ONLY, rng)
-    for result in _layer_results(model, _tokens(rng, 20)):
+    for result in _layer_results(model, _tokens(rng)):  # the length of the test above: no new compile
         for weights in (result["before"], result["after"]):
             weights = np.asarray(weights)
-            assert weights.shape == (1, 2, 20, 20)
+            assert weights.shape == (1, 2, 14, 14)
             np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
             assert (weights >= 0).all()
             assert (np.triu(weights[0], 1) == 0).all()  # no weight on a future key
@@ -211,45 +211,35 @@ def test_cli_draws_kernels_head_mixing_and_attention_maps(tmp_path, rng, capsys)
     assert all(p.stat().st_size < 300_000 for p in out.iterdir())
     assert "kernels_pre.png" in capsys.readouterr().out
 
-    few = tmp_path / "few"
-    assert main(["--checkpoint", str(checkpoint), "--out", str(few), "--layers", "0", "--heads", "1"]) == 0
-    index = json.loads((few / "index.json").read_text())
-    assert [entry["file"] for entry in index["files"]] == ["head_mix.png", "attention_layer0.png"]
-    assert index["input"].startswith("toy sample 0: ") and index["layers"] == [0] and index["heads"] == [1]
-    assert "no key-query convolution" in index["notes"][0]
-    height, width = _check_png(few / "attention_layer0.png")[:2]
-    assert height < 0.8 * width  # one row (head) of two panels
 
-
-def test_cli_draws_a_toy_sample_of_a_run_directory(tmp_path, rng):
+def test_cli_draws_a_toy_sample_of_a_run_directory_for_chosen_layers_and_heads(tmp_path, rng):
     run = _run_dir(tmp_path / "run", PRE_CONV_ONLY, rng, step=7, seed=5)
     out = tmp_path / "pictures"
-    assert main(["--checkpoint", str(run), "--out", str(out), "--toy-sample", "3"]) == 0
+    argv = ["--checkpoint", str(run), "--out", str(out), "--toy-sample", "3", "--layers", "1", "--heads", "1"]
+    assert main(argv) == 0
     index = json.loads((out / "index.json").read_text())
     text = DataConfig(kind="toy", seq_len=24, toy_block_size=3).toy_task().text(5, TOY_EVAL_START + 3)
     assert index["input"] == f"toy sample 3: {text}" and index["tokens"] == list("^" + text)
-    assert index["step"] == 7
-    assert [entry["file"] for entry in index["files"]] == [
-        "kernels.png",
-        "attention_layer0.png",
-        "attention_layer1.png",
-    ]
-    for entry in index["files"]:
-        _check_png(out / entry["file"])
+    assert index["step"] == 7 and index["layers"] == [1] and index["heads"] == [1]
+    assert [entry["file"] for entry in index["files"]] == ["kernels.png", "attention_layer1.png"]
+    height, width = _check_png(out / "kernels.png", min_side=100)[:2]
+    assert width > height  # one kernel of 3 x 5 taps
+    height, width = _check_png(out / "attention_layer1.png")[:2]
+    assert height < 0.8 * width  # one row (head) of two panels
 
 
 def test_cli_on_a_baseline_draws_attention_and_says_there_are_no_kernels(tmp_path, rng, capsys):
     checkpoint = _parameter_dir(tmp_path / "params", PRE_CONV_ONLY.baseline(), rng, random_mta=False)
     out = tmp_path / "pictures"
-    assert (
-        main(["--checkpoint", str(checkpoint), "--out", str(out), "--text", "^ab.cd#a", "--max-tokens", "5"])
-        == 0
-    )
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--max-tokens", "12"]) == 0
     index = json.loads((out / "index.json").read_text())
     assert [entry["file"] for entry in index["files"]] == ["attention_layer0.png", "attention_layer1.png"]
     assert "baseline" in index["notes"][0] and "note: no key-query convolution" in capsys.readouterr().out
-    assert index["tokens"] == list("^ab.c") and "first 5 of 8 tokens" in index["input"]
-    _check_png(out / "attention_layer1.png", min_side=100)
+    # a parameter directory of the toy vocabulary: a toy sample, cut to --max-tokens
+    assert index["input"].startswith("toy sample 0: ") and "(first 12 of " in index["input"]
+    assert len(index["tokens"]) == 12 and index["tokens"][0] == "^"
+    height, width = _check_png(out / "attention_layer1.png")[:2]
+    assert height > 1.5 * width  # two rows (heads) of one panel each
 
 
 def test_errors_name_the_argument(tmp_path, rng, capsys):
