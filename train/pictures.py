@@ -414,10 +414,18 @@ def draw_head_mix(mixes: dict[int, dict[str, np.ndarray]], path: Path):
 
 
 def draw_attention(
-    maps: AttentionMaps, layer: int, heads: Sequence[int], picture: PictureInput, mixes: bool, path: Path
+    maps: AttentionMaps,
+    layer: int,
+    heads: Sequence[int],
+    picture: PictureInput,
+    mixes: bool,
+    path: Path,
+    *,
+    causal: bool = True,
 ):
     """One layer's maps of batch row 0: rows = heads, columns = before / after (only one when the layer
-    has no MTA mixing, so both are the same). Entries above the diagonal (not visible) are grey."""
+    has no MTA mixing, so both are the same). With causal, the entries above the diagonal (future keys)
+    are grey."""
     plt = _pyplot()
     panels = [("before: softmax(q k^T / sqrt(D))", maps.before), ("after: MTA attention weights", maps.after)]
     if not mixes:
@@ -431,7 +439,7 @@ def draw_attention(
     grid = Grid(len(heads), len(panels), side, side, left=label_room + 0.25, bottom=label_room + 0.25)
     grid = dataclasses.replace(grid, gap=label_room + 0.55, top=0.95)
     fig, axes, bars = grid.make(plt)
-    hidden = np.triu(np.ones((seq_len, seq_len), bool), 1)
+    hidden = np.triu(np.ones((seq_len, seq_len), bool), 1) & causal
     for row, head in enumerate(heads):
         for col, (name, weights) in enumerate(panels):
             ax, values = axes[row, col], np.asarray(weights[0, head], np.float32)
@@ -578,7 +586,7 @@ def make_pictures(
         p = params[i]
         mixing = any(x is not None for x in (p.pre_conv, p.post_conv, p.pre_head_mix, p.post_head_mix))
         name = f"attention_layer{i}.png"
-        draw_attention(maps[i], i, head_ids, picture, mixing, out / name)
+        draw_attention(maps[i], i, head_ids, picture, mixing, out / name, causal=attentions[i].mta.causal)
         shows = (
             "before (plain causal softmax of q k^T / sqrt(D)) and after (the MTA weights that multiply V)"
             if mixing
