@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mta_jax.config import ModelConfig
+from mta_jax.config import ModelConfig, model_config_from_dict
 from tests.train_helpers import ROOT
 from train import evaluate as ev
 from train.checkpoint import Checkpointer
@@ -43,25 +43,24 @@ def successor_model(k: float, vocab: int = V, table: dict[int, int] | None = Non
     return logits
 
 
-def tiny_lm(vocab: int, seed: int = 0):
-    """A tiny MTA model with random parameters drawn in numpy (nothing to compile)."""
-    cfg = ModelConfig(
-        vocab_size=vocab,
-        dim=32,
-        num_layers=2,
-        num_heads=2,
-        kq_conv_layers=(1,),
-        mta={
-            "pre_conv": (2, 3),
-            "post_conv": (2, 3),
-            "pre_head_mix": 2,
-            "group_norm": True,
-            "gate": "scalar",
-        },
-    )
+TINY_LM = {
+    "dim": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "kq_conv_layers": [1],
+    "mta": {"pre_conv": [2, 3], "post_conv": [2, 3], "pre_head_mix": 2, "group_norm": True, "gate": "scalar"},
+}
+
+
+def random_params(cfg: ModelConfig, seed: int = 0):
+    """Random parameters for cfg, drawn in numpy (nothing to compile)."""
     rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(s.dtype), abstract_params(cfg))
-    return model_from_params(cfg, params)
+    return jax.tree.map(lambda s: (0.3 * rng.normal(size=s.shape)).astype(s.dtype), abstract_params(cfg))
+
+
+def tiny_lm(vocab: int, seed: int = 0):
+    cfg = model_config_from_dict({**TINY_LM, "vocab_size": vocab})
+    return model_from_params(cfg, random_params(cfg, seed))
 
 
 @pytest.fixture(scope="module")
@@ -153,13 +152,16 @@ def test_the_model_scorer_matches_float64_log_softmax(rng):
     ]
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens))
+    rows = np.zeros((2, 64), np.int32)  # each document as one row, its padding after it (causal: unseen)
+    for row, text in zip(rows, texts, strict=True):
+        row[: len(text) + 1] = BYTES.encode(text)[:-1]
+    logits = np.asarray(forward(state, rows), np.float64)  # [2, 64, V]
+    top = logits.max(-1, keepdims=True)
+    log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
     expected = []
-    for text in texts:  # each document as one row, log-softmax in float64
+    for row_log_probs, text in zip(log_probs, texts, strict=True):  # log-softmax in float64
         ids = BYTES.encode(text)
-        logits = np.asarray(forward(state, ids[None, :-1]), np.float64)[0]  # [T, V]
-        top = logits.max(-1, keepdims=True)
-        log_probs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-        expected.append(-log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
+        expected.append(-row_log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
     score = ev.model_scorer(model)
     # one document alone (3 padding rows, padding at the row's end) and both in one batch agree
     alone = [ev.perplexity(score, [text], BYTES, seq_len=64, batch=4) for text in texts]
@@ -337,24 +339,38 @@ NEEDLE_RUN = {
 }
 
 
-def needle_run_dir(tmp_path):
-    """A run directory of data.kind=needles as train() leaves it (config.yaml, checkpoints/<step>/state),
-    written by the training Checkpointer with random parameters instead of trained ones."""
-    cfg = train_config_from_dict({**NEEDLE_RUN, "run_dir": str(tmp_path / "run")})
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text(dump(cfg))
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda s: (0.3 * rng.normal(size=s.shape)).astype(s.dtype), abstract_params(cfg.model)
+def fake_run_dir(directory, raw: dict):
+    """A run directory as train() leaves it (config.yaml, checkpoints/<step>/state), written by the training
+    Checkpointer with random parameters instead of trained ones."""
+    cfg = train_config_from_dict({**raw, "run_dir": str(directory)})
+    directory.mkdir()
+    (directory / "config.yaml").write_text(dump(cfg))
+    with Checkpointer(directory / "checkpoints", cfg.checkpoint) as checkpointer:
+        checkpointer.save(2, {"params": random_params(cfg.model), "step": np.int32(2)}, force=True)
+    return directory
+
+
+def test_perplexity_defaults_to_the_held_out_documents_of_a_text_run(tmp_path):
+    """data.eval_fraction 0.5 of the 4 documents of heldout_tiny.txt: the last 2 are scored, with the
+    run's tokenizer (bytes): every byte and one EOS per document."""
+    data = {"kind": "text", "path": str(DATA / "heldout_tiny.txt"), "eval_fraction": 0.5, "seq_len": 64}
+    run = fake_run_dir(tmp_path / "run", {**NEEDLE_RUN, "model": {**TINY_LM, "vocab_size": V}, "data": data})
+    out = tmp_path / "ppl.json"
+    assert (
+        ev.main(
+            ["perplexity", "--checkpoint", str(run), "--seq-len", "64", "--batch", "4", "--output", str(out)]
+        )
+        == 0
     )
-    with Checkpointer(tmp_path / "run" / "checkpoints", cfg.checkpoint) as checkpointer:
-        checkpointer.save(2, {"params": params, "step": np.int32(2)}, force=True)
-    return tmp_path / "run"
+    held_out = (DATA / "heldout_tiny.txt").read_text().split("\n\n")[-2:]
+    result = json.loads(out.read_text())
+    assert result["documents"] == 2 and result["bytes"] == sum(len(d.encode()) for d in held_out)
+    assert result["tokens"] == result["bytes"] + 2
 
 
 def test_needles_cli_on_a_synthetic_run(tmp_path, capsys):
     """The harness takes the key and value lengths from the run's config."""
-    run = needle_run_dir(tmp_path)
+    run = fake_run_dir(tmp_path / "run", NEEDLE_RUN)
     out = tmp_path / "n.json"
     argv = ["needles", "--checkpoint", str(run), "--context-lens", "32", "--depths", "0.5"]
     assert ev.main([*argv, "--needles", "2", "4", "--samples", "3", "--output", str(out)]) == 0
