@@ -31,8 +31,9 @@ needles: see train/needles.py for the placement rule. With --haystack (any text 
   filler is a window of the tokenized haystack file from a random place (wrapping around), and the
   question " What is the key K? The key K is" is followed by the answer " V". Without --haystack the
   synthetic task of train/needles.py (a run of data.kind=needles, or --synthetic) is used. Context length =
-  the row's input tokens, BOS to the answer's last token but one. A sample is right when every answer token
-  is the argmax. Cells: --needles x --context-lens x --depths, --samples each (sample i is (--seed, i)).
+  the row's input tokens T: BOS up to the answer's last token but one (text), or up to the answer's last
+  token, EOS being the last target (synthetic). A sample is right when every answer token is the argmax.
+  Cells: --needles x --context-lens x --depths, --samples each (sample i is (--seed, i)).
 """
 
 from __future__ import annotations
