@@ -146,12 +146,19 @@ class MTATransformer(nnx.Module):
                 f"tokens with shape {tokens.shape} and dtype {tokens.dtype} is invalid: "
                 "must be integer [B, n]"
             )
+        for name, value in (("segment_ids", segment_ids), ("positions", positions)):
+            if value is not None and (
+                value.shape != tokens.shape or not jnp.issubdtype(value.dtype, jnp.integer)
+            ):
+                raise ValueError(
+                    f"{name} with shape {value.shape} and dtype {value.dtype} is invalid: "
+                    f"must be integer [B, n] = {tokens.shape}, as tokens"
+                )
         if segment_ids is None:
             segment_ids = jnp.broadcast_to(cache.last_segment[:, None], tokens.shape)
         segment_ids = segment_ids.astype(jnp.int32)
         if positions is None:
             positions = continued_positions(segment_ids, cache.last_segment, cache.last_position)
-        positions = jnp.broadcast_to(positions, tokens.shape)
         h = self.tok_embeddings(tokens)
         layer_caches = []
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
