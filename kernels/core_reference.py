@@ -12,7 +12,8 @@ with a wide QK contraction, a band correction near the causal diagonal, and head
 
 visible(i, j) = q_segment_ids[i] == kv_segment_ids[j] and (not causal or j <= i + S - T).
 
-Shapes: qp [B, H, C, T, Dk]; kp [B, H, C, S, Dk] (C slabs: the QK contraction is C * Dk wide); v [B, Hkv, S, D]; band [B, H, T, W] float32 or None;
+Shapes: qp [B, H, C, T, Dk]; kp [B, H, C, S, Dk] (C slabs: the QK contraction is C * Dk wide);
+v [B, Hkv, S, D]; band [B, H, T, W] float32 or None;
 q_segment_ids [B, T] and kv_segment_ids [B, S] int32; pre_mix / post_mix [H / c, c, c] in (in, out)
 layout or None. qp already carries the softmax scale. Returns out [B, H, T, D] float32 and the
 log-sum-exp of z per row, lse [B, H, T] float32 (0 for rows with no visible key).
@@ -80,9 +81,10 @@ def core_reference(
     z = jnp.where(visible, z, MASK_VALUE)
     m = jnp.max(z, axis=-1, keepdims=True)
     e = jnp.where(visible, jnp.exp(z - m), 0.0)
-    l = jnp.sum(e, axis=-1, keepdims=True)
-    probs = e / jnp.where(l == 0.0, 1.0, l)
-    lse = jnp.where(l[..., 0] == 0.0, 0.0, m[..., 0] + jnp.log(jnp.where(l[..., 0] == 0.0, 1.0, l[..., 0])))
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    probs = e / jnp.where(total == 0.0, 1.0, total)
+    empty = total[..., 0] == 0.0
+    lse = jnp.where(empty, 0.0, m[..., 0] + jnp.log(jnp.where(empty, 1.0, total[..., 0])))
     probs = _mix(probs, post_mix)
     v_per_head = jnp.repeat(v, heads // kv_heads, axis=1)
     out = jnp.einsum("bhts,bhsd->bhtd", probs.astype(v.dtype), v_per_head, preferred_element_type=acc)
