@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from train.toy import decode_chars, encode_chars
+
 LETTERS = "abcdefghijklmnop"  # filler and keys
 DIGITS = "0123456789"  # values
 NEEDLE, EQUALS, QUESTION = "@", "=", "?"
@@ -36,18 +38,12 @@ VOCAB_SIZE = len(VOCAB)  # 32
 
 def encode(text: str) -> np.ndarray:
     """Characters of VOCAB ("^" = BOS, "$" = EOS) -> int32 ids [len(text)]."""
-    bad = sorted(set(text) - set(VOCAB))
-    if bad:
-        raise ValueError(f"text={text!r} is invalid: characters {bad} are not in the vocabulary {VOCAB!r}")
-    return np.asarray([VOCAB.index(c) for c in text], np.int32)
+    return encode_chars(text, VOCAB)
 
 
 def decode(ids: Any) -> str:
     """int ids [n] -> their characters."""
-    ids = np.asarray(ids).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
-        raise ValueError(f"ids={ids.tolist()!r} is invalid: needle token ids lie in [0, {VOCAB_SIZE})")
-    return "".join(VOCAB[i] for i in ids.tolist())
+    return decode_chars(ids, VOCAB, "needle")
 
 
 def _is_int(x: Any) -> bool:

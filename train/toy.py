@@ -27,20 +27,30 @@ VOCAB_SIZE = len(VOCAB)  # 31
 ANSWERS = ("all", "first", "last")
 
 
+def encode_chars(text: str, vocab: str) -> np.ndarray:
+    """Characters of a character vocabulary -> int32 ids [len(text)] (id = index in vocab)."""
+    bad = sorted(set(text) - set(vocab))
+    if bad:
+        raise ValueError(f"text={text!r} is invalid: characters {bad} are not in the vocabulary {vocab!r}")
+    return np.asarray([vocab.index(c) for c in text], np.int32)
+
+
+def decode_chars(ids: Any, vocab: str, task: str) -> str:
+    """int ids [n] of a character vocabulary -> their characters; `task` names the vocabulary in errors."""
+    ids = np.asarray(ids).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= len(vocab)):
+        raise ValueError(f"ids={ids.tolist()!r} is invalid: {task} token ids lie in [0, {len(vocab)})")
+    return "".join(vocab[i] for i in ids.tolist())
+
+
 def encode(text: str) -> np.ndarray:
     """Characters of VOCAB ("^" = BOS, "$" = EOS) -> int32 ids [len(text)]."""
-    bad = sorted(set(text) - set(VOCAB))
-    if bad:
-        raise ValueError(f"text={text!r} is invalid: characters {bad} are not in the vocabulary {VOCAB!r}")
-    return np.asarray([VOCAB.index(c) for c in text], np.int32)
+    return encode_chars(text, VOCAB)
 
 
 def decode(ids: Any) -> str:
     """int ids [n] -> the string of their characters (BOS as "^", EOS as "$", padding as "_")."""
-    ids = np.asarray(ids).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
-        raise ValueError(f"ids={ids.tolist()!r} is invalid: toy token ids lie in [0, {VOCAB_SIZE})")
-    return "".join(VOCAB[i] for i in ids.tolist())
+    return decode_chars(ids, VOCAB, "toy")
 
 
 def answer_len(block_size: int, answer: str) -> int:
