@@ -19,20 +19,16 @@ from mta_jax.params import MTAParams
 from tests.helpers import random_mta_params
 from tests.loops import conv_loop, mix_loop, softmax_rows
 from train import toy
+from train.attention_maps import (
+    attention_inputs,
+    layer_attention_maps,
+    output_from_weights,
+    queries_keys_values,
+)
 from train.config import TrainConfig, dump
 from train.data import TOY_EVAL_START, DataConfig
 from train.params_io import save_params
-from train.pictures import (
-    ToyTokens,
-    attention_inputs,
-    choose_tokens,
-    layer_attention_maps,
-    main,
-    output_from_weights,
-    parse_indices,
-    picture_input,
-    queries_keys_values,
-)
+from train.pictures import ToyTokens, choose_tokens, main, parse_indices, picture_input
 
 # Every MTA part on; the key-query conv only in layer 1, so layer 0 has head mixing alone.
 FULL = ModelConfig(
