@@ -15,6 +15,7 @@ from flax import nnx
 from mta_jax.config import ModelConfig, model_config_from_dict
 from tests.train_helpers import ROOT
 from train import evaluate as ev
+from train import needle_eval, scoring
 from train.checkpoint import Checkpointer
 from train.config import dump, train_config_from_dict
 from train.data import ByteTokenizer
@@ -76,7 +77,7 @@ def byte_checkpoint(tmp_path_factory):
 
 def test_scorer_matches_a_hand_computed_example():
     probs = np.array([0.5, 0.25, 0.25])
-    score = ev.logits_scorer(lambda tokens: np.broadcast_to(np.log(probs) + 3.0, (*tokens.shape, 3)))
+    score = scoring.logits_scorer(lambda tokens: np.broadcast_to(np.log(probs) + 3.0, (*tokens.shape, 3)))
     nats, hits = score(np.zeros((1, 3), np.int32), np.array([[0, 1, 2]]))
     np.testing.assert_allclose(nats, [[math.log(2), math.log(4), math.log(4)]], rtol=1e-12)
     np.testing.assert_array_equal(hits, [[True, False, False]])
@@ -88,9 +89,9 @@ def test_perplexity_and_bits_per_byte_by_hand():
     k = 50.0
     right, other = math.log((k + V - 1) / k), math.log(k + V - 1)
     total = 4 * right + 4 * other
-    score = ev.logits_scorer(successor_model(k))
+    score = scoring.logits_scorer(successor_model(k))
     for seq_len, stride in [(1, None), (2, None), (3, 1), (5, 2), (16, None)]:
-        got = ev.perplexity(score, ["abcd", "xy"], BYTES, seq_len=seq_len, batch=3, stride=stride)
+        got = scoring.perplexity(score, ["abcd", "xy"], BYTES, seq_len=seq_len, batch=3, stride=stride)
         assert (got["tokens"], got["bytes"], got["documents"]) == (8, 6, 2)
         assert got["nats_per_token"] == pytest.approx(total / 8, rel=1e-12)
         assert got["perplexity"] == pytest.approx(math.exp(total / 8), rel=1e-12)
@@ -98,7 +99,7 @@ def test_perplexity_and_bits_per_byte_by_hand():
         assert got["bits_per_token"] * 8 / 6 == pytest.approx(got["bits_per_byte"], rel=1e-12)
         assert got["token_accuracy"] == 0.5
     # max_tokens cuts the second document after "x": the bytes are those of the scored text
-    cut = ev.perplexity(score, ["abcd", "xy"], BYTES, seq_len=4, max_tokens=6)
+    cut = scoring.perplexity(score, ["abcd", "xy"], BYTES, seq_len=4, max_tokens=6)
     assert (cut["tokens"], cut["bytes"]) == (6, 5)
     assert cut["nats_per_token"] == pytest.approx((3 * right + 3 * other) / 6, rel=1e-12)
 
@@ -109,7 +110,7 @@ def test_windows_score_every_target_once_with_the_promised_context(rng):
         stride = None if rng.random() < 0.3 else int(rng.integers(1, seq_len + 1))
         ids = rng.permutation(1000)[:n]  # distinct tokens: a window's first input tells where it begins
         scored = []
-        for inputs, targets, weights in ev.windows(ids, seq_len, stride):
+        for inputs, targets, weights in scoring.windows(ids, seq_len, stride):
             assert 1 <= len(inputs) == len(targets) <= seq_len
             begin = int(np.flatnonzero(ids == inputs[0])[0])
             np.testing.assert_array_equal(inputs, ids[begin : begin + len(inputs)])
@@ -120,7 +121,7 @@ def test_windows_score_every_target_once_with_the_promised_context(rng):
                 assert position - begin >= min(position, seq_len - (stride or seq_len) + 1)
         assert sorted(scored) == list(range(1, n))
     with pytest.raises(ValueError, match=r"stride=5 is invalid: must be an integer in \[1, seq_len=4\]"):
-        ev.windows(np.arange(9), 4, 5)
+        scoring.windows(np.arange(9), 4, 5)
 
 
 def test_a_sliding_window_gives_each_target_exactly_its_context(rng):
@@ -136,12 +137,12 @@ def test_a_sliding_window_gives_each_target_exactly_its_context(rng):
     seq_len, expected = 7, 0.0
     for j in range(1, len(ids)):  # target ids[j] after the seq_len tokens before it (fewer at the start)
         begin = max(0, j - seq_len)
-        nats, _ = ev.logits_scorer(cache)(ids[None, begin:j], ids[None, begin + 1 : j + 1])
+        nats, _ = scoring.logits_scorer(cache)(ids[None, begin:j], ids[None, begin + 1 : j + 1])
         expected += float(nats[0, -1])
-    got = ev.perplexity(ev.logits_scorer(cache), [text], BYTES, seq_len=seq_len, stride=1, batch=4)
+    got = scoring.perplexity(scoring.logits_scorer(cache), [text], BYTES, seq_len=seq_len, stride=1, batch=4)
     assert got["tokens"] == len(ids) - 1
     assert got["nats_per_token"] * got["tokens"] == pytest.approx(expected, rel=1e-10)
-    plain = ev.perplexity(ev.logits_scorer(cache), [text], BYTES, seq_len=seq_len, batch=4)
+    plain = scoring.perplexity(scoring.logits_scorer(cache), [text], BYTES, seq_len=seq_len, batch=4)
     assert plain["nats_per_token"] != pytest.approx(got["nats_per_token"], rel=1e-6)  # context matters
 
 
@@ -162,10 +163,10 @@ def test_the_model_scorer_matches_float64_log_softmax(rng):
     for row_log_probs, text in zip(log_probs, texts, strict=True):  # log-softmax in float64
         ids = BYTES.encode(text)
         expected.append(-row_log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
-    score = ev.model_scorer(model)
+    score = scoring.model_scorer(model)
     # one document alone (3 padding rows, padding at the row's end) and both in one batch agree
-    alone = [ev.perplexity(score, [text], BYTES, seq_len=64, batch=4) for text in texts]
-    both = ev.perplexity(score, texts, BYTES, seq_len=64, batch=4)
+    alone = [scoring.perplexity(score, [text], BYTES, seq_len=64, batch=4) for text in texts]
+    both = scoring.perplexity(score, texts, BYTES, seq_len=64, batch=4)
     for got, want, text in zip(alone, expected, texts, strict=True):
         assert got["tokens"] == len(text) + 1
         assert got["nats_per_token"] * got["tokens"] == pytest.approx(want, rel=1e-4)
@@ -185,30 +186,31 @@ def test_the_model_scorer_matches_float64_log_softmax(rng):
     ],
 )
 def test_lambada_splits_off_the_last_word_with_its_space(text, context, target):
-    assert ev.split_last_word(text) == (context, target)
+    assert scoring.split_last_word(text) == (context, target)
 
 
 def test_lambada_rows_and_errors(tmp_path):
-    inputs, targets, weights = ev.lambada_row(BYTES, "a big elephant", max_len=64)
+    inputs, targets, weights = scoring.lambada_row(BYTES, "a big elephant", max_len=64)
     assert BYTES.decode(targets[weights > 0]) == " elephant"  # a word of 9 byte tokens
     assert weights.sum() == 9 and inputs[0] == BYTES.bos_id
-    inputs, targets, weights = ev.lambada_row(BYTES, "a big elephant", max_len=10)  # oldest context dropped
+    # the oldest context is dropped
+    inputs, targets, weights = scoring.lambada_row(BYTES, "a big elephant", max_len=10)
     assert len(inputs) == 10 and BYTES.decode(inputs) == "ig elephan"
     for bad in ("oneword", "  ", ""):
         with pytest.raises(ValueError, match="needs a context and a last word"):
-            ev.split_last_word(bad)
+            scoring.split_last_word(bad)
     with pytest.raises(ValueError, match=r"the target ' elephant' has 9 tokens \(need 1 to 5\)"):
-        ev.lambada_row(BYTES, "a big elephant", max_len=5)
+        scoring.lambada_row(BYTES, "a big elephant", max_len=5)
     path = tmp_path / "l.jsonl"
     path.write_text('{"text": "a b"}\n\n{"txt": "c d"}\n')
     with pytest.raises(
         ValueError, match=r'l.jsonl:3\' is invalid: each line must be an object with a "text"'
     ):
-        ev.read_lambada(path)
+        scoring.read_lambada(path)
     path.write_text('{"text": "a b"}\nnot json\n')
     with pytest.raises(ValueError, match=r"l.jsonl:2' is invalid: not JSON"):
-        ev.read_lambada(path)
-    assert len(ev.read_lambada(DATA / "lambada_tiny.jsonl")) == 6
+        scoring.read_lambada(path)
+    assert len(scoring.read_lambada(DATA / "lambada_tiny.jsonl")) == 6
 
 
 def test_lambada_metrics_by_hand():
@@ -217,9 +219,9 @@ def test_lambada_metrics_by_hand():
     w after o (uniform, argmax 0) missed -> wrong."""
     k = 20.0
     table = {ord("e"): ord(" "), ord(" "): ord("c"), ord("c"): ord("a"), ord("a"): ord("t")}
-    score = ev.logits_scorer(successor_model(k, table=table))
+    score = scoring.logits_scorer(successor_model(k, table=table))
     right, other, uniform = math.log((k + V - 1) / k), math.log(k + V - 1), math.log(V)
-    got = ev.lambada(score, ["the cat", "the cow"], BYTES, seq_len=32, batch=3)
+    got = scoring.lambada(score, ["the cat", "the cow"], BYTES, seq_len=32, batch=3)
     words = [4 * right, 2 * right + other + uniform]
     assert got["examples"] == 2 and got["accuracy"] == 0.5 and got["target_tokens"] == 8
     assert got["nats_per_word"] == pytest.approx(sum(words) / 2, rel=1e-12)
@@ -231,7 +233,7 @@ def test_lambada_metrics_by_hand():
 
 def test_text_needles_follow_the_placement_rule(rng):
     haystack = (DATA / "heldout_tiny.txt").read_text()
-    source = ev.TextNeedles(BYTES, haystack, key_len=5, value_len=3)
+    source = needle_eval.TextNeedles(BYTES, haystack, key_len=5, value_len=3)
     for _ in range(20):
         n, length = int(rng.choice([2, 4, 6])), int(rng.integers(220, 400))
         depth, seed, index = (
@@ -260,7 +262,7 @@ def test_text_needles_follow_the_placement_rule(rng):
 def test_the_needle_grid_scores_with_teacher_forcing():
     """An oracle that knows every row's next token scores 100%; with the answer's last token wrong, 0%."""
 
-    source = ev.SyntheticNeedles(2, 2)
+    source = needle_eval.SyntheticNeedles(2, 2)
 
     def scorer_for(spoil):
         def score(inputs, targets):
@@ -272,16 +274,16 @@ def test_the_needle_grid_scores_with_teacher_forcing():
         return score
 
     kw = dict(context_lens=[32, 48], depths=[0.0, 1.0], needle_counts=[2, 4], samples=3, batch=2)
-    cells = ev.needle_grid(scorer_for(False), source, **kw)
+    cells = needle_eval.needle_grid(scorer_for(False), source, **kw)
     assert len(cells) == 8 and all(c["accuracy"] == 1.0 for c in cells)
     assert {(c["needles"], c["context_len"], c["depth"]) for c in cells} == {
         (n, t, d) for n in (2, 4) for t in (32, 48) for d in (0.0, 1.0)
     }
-    assert all(c["accuracy"] == 0.0 for c in ev.needle_grid(scorer_for(True), source, **kw))
-    table = ev.needle_table(cells)
+    assert all(c["accuracy"] == 0.0 for c in needle_eval.needle_grid(scorer_for(True), source, **kw))
+    table = needle_eval.needle_table(cells)
     assert "4 needles" in table and "   100.0" in table
     with pytest.raises(ValueError, match=r"context_len=20 is invalid: 4 needle\(s\)"):
-        ev.needle_grid(scorer_for(False), source, **{**kw, "context_lens": [20]})
+        needle_eval.needle_grid(scorer_for(False), source, **{**kw, "context_lens": [20]})
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
