@@ -48,7 +48,12 @@ def make_inputs(
     if segments:
         # Run boundaries in key positions, shared with the (bottom-right aligned) queries.
         kv_ids = segment_ids(keys[4], batch, kv_len)
-        q_ids = kv_ids[:, kv_len - q_len :] if kv_len >= q_len else segment_ids(keys[5], batch, q_len)
+        # With T > S the first T - S queries sit before every key; the rest line up with the keys, so
+        # every key-visible query shares its key's document (unrelated ids could hide every key).
+        if kv_len >= q_len:
+            q_ids = kv_ids[:, kv_len - q_len :]
+        else:
+            q_ids = jnp.concatenate([jnp.repeat(kv_ids[:, :1], q_len - kv_len, axis=1), kv_ids], axis=1)
     else:
         q_ids = jnp.zeros((batch, q_len), jnp.int32)
         kv_ids = jnp.zeros((batch, kv_len), jnp.int32)
