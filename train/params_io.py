@@ -14,6 +14,8 @@ reads either kind, taking only the parameters out of a training checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -135,7 +137,8 @@ def _name(path) -> str:
 def _restore(directory: Path, cfg: ModelConfig, key: str | None = None) -> PyTree:
     """The params subtree of the Orbax pytree in `directory` (only `key` of it when given)."""
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params(cfg))
-    metadata = ocp.PyTreeCheckpointer().metadata(directory)
+    with _quiet_item_metadata():
+        metadata = ocp.PyTreeCheckpointer().metadata(directory)
     tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
     saved = _flat(tree[key] if key is not None else tree)
     check_params(cfg, saved, flat=True)
@@ -145,12 +148,31 @@ def _restore(directory: Path, cfg: ModelConfig, key: str | None = None) -> PyTre
     )
     item = {key: target} if key is not None else target
     restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=_one_device()), item)
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with _quiet_item_metadata(), ocp.PyTreeCheckpointer() as checkpointer:
         restored = checkpointer.restore(
             directory,
             args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
         )
     return restored[key] if key is not None else restored
+
+
+class _NoItemMetadataWarning(logging.Filter):
+    """Drops Orbax's warning that an item directory (a run's checkpoints/<step>/state) has no
+    _CHECKPOINT_METADATA: that file sits one level up, at the step, and the item reads fine."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_item_metadata():
+    quiet = _NoItemMetadataWarning()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _one_device() -> jax.sharding.Sharding:
