@@ -1,7 +1,7 @@
 """The paper's Table 1 at CPU scale: toy-task sequence error of the baseline transformer and MTA, 3 seeds.
 
     python bench/toy_table.py [--config configs/train/toy_table.yaml] [--answers all first last]
-        [--seeds 0 1 2] [--steps N] [--out bench/results] [--runs-dir runs/toy_table]
+        [--seeds 0 1 2] [--steps N] [--out bench/results] [--runs-dir runs/toy_table] [key=value ...]
 
 For every answer variant, seed and model (the config's MTA model, and `model.baseline()`: the same model
 with no MTA part), trains with the project's training loop (train/loop.py) and reads the teacher-forced
@@ -110,12 +110,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--steps", type=int, help="override the config's steps")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides as for python -m train, e.g. global_batch_size=64"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench/results"))
     parser.add_argument("--runs-dir", default=str(ROOT / "runs/toy_table"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    overrides = [f"steps={args.steps}"] if args.steps else []
+    overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps else [])
     cfg = load_train_config(args.config, overrides)
     if cfg.data.kind != "toy" or cfg.model.mta is None:
         raise ValueError(f"config={args.config!r} is invalid: needs data.kind toy and a model with MTA")

@@ -65,10 +65,11 @@ def test_run_config_swaps_the_model_answer_and_seed(tmp_path):
 
 def test_the_script_writes_json_and_markdown_and_keeps_finished_runs(tmp_path, capsys):
     args = ["--steps", "2", "--seeds", "0", "--answers", "last", "--models", "MTA"]
-    args += ["--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")]
+    args += ["--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"), "global_batch_size=8"]
     report = main(args)
     saved = json.loads((tmp_path / "out/toy_table.json").read_text())
     assert saved == report and len(saved["runs"]) == 1
+    assert saved["setting"]["batch"] == 8 and saved["setting"]["config"]["global_batch_size"] == 8
     run = saved["runs"][0]
     assert run["model"] == "MTA" and 0.0 <= run["sequence_error"] <= 1.0 and run["seconds"] > 0
     assert "| MTA | " in (tmp_path / "out/toy_table.md").read_text()
