@@ -52,7 +52,8 @@ from mta_jax.params import MTAParams, init_mta_params  # noqa: E402
 
 PATHS = ("reference", "blockwise", "pallas", "dot_product_attention")
 DPA = "dot_product_attention"
-CONFIGS = ("kq_conv", "head_mix", "full")
+CONFIGS = ("kq_conv", "kq_conv_mix4", "head_mix", "full")
+DEFAULT_CONFIGS = ("kq_conv", "head_mix", "full")
 MODES = ("forward", "forward+backward")
 FWD_BWD = "forward+backward"
 MARKERS = ("<!-- attention-table:start -->", "<!-- attention-table:end -->")
@@ -76,10 +77,15 @@ OOM_SIGNS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
 
 
 def layer_config(name: str, heads: int) -> MTAConfig:
-    """The named layer: "kq_conv" (the issue's 6x11 pre-softmax conv), "head_mix" (post-softmax head
-    mixing in groups of 4, or of H when H < 4) or "full" (the paper's layer, configs/models/880M_mta.yaml)."""
+    """The named layer: "kq_conv" (the issue's 6x11 pre-softmax conv), "kq_conv_mix4" (that conv with
+    head mixing in groups of 4 before and after the softmax, the largest groups the kernels fuse),
+    "head_mix" (post-softmax head mixing in groups of 4, or of H when H < 4) or "full" (the paper's
+    layer, configs/models/880M_mta.yaml)."""
     if name == "kq_conv":
         return MTAConfig(pre_conv=(6, 11))
+    if name == "kq_conv_mix4":
+        size = math.gcd(4, heads)
+        return MTAConfig(pre_conv=(6, 11), pre_head_mix=size, post_head_mix=size)
     if name == "head_mix":
         return MTAConfig(post_head_mix=math.gcd(4, heads))
     if name == "full":
@@ -622,7 +628,9 @@ def write_readme(readme: Path, report: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/attention.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS, metavar="PATH")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS, metavar="CONFIG")
+    parser.add_argument(
+        "--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=CONFIGS, metavar="CONFIG"
+    )
     parser.add_argument(
         "--head-dims",
         nargs="+",

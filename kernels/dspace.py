@@ -25,6 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mta_jax.params import key_padding
 
@@ -140,7 +141,9 @@ def diagonal_scores(q: jax.Array, k: jax.Array, width: int, scale: float) -> jax
     outside [0, S)). q: [B, T, H, D]; k: [B, S, Hkv, D]. Float32 (or wider); T is the minor axis, so a
     TPU lays it out without padding W to 128 lanes."""
     qg, offset = _grouped(q, k)
-    columns = [jnp.sum(qg * _keys_at(k, offset + e, q.shape[1])[:, :, :, None], -1) for e in range(1, width + 1)]
+    columns = [
+        jnp.sum(qg * _keys_at(k, offset + e, q.shape[1])[:, :, :, None], -1) for e in range(1, width + 1)
+    ]
     scores = jnp.stack(columns, axis=1) * scale  # [B, W, T, Hkv, rep]
     batch, q_len, num_heads = q.shape[:3]
     return scores.reshape(batch, width, q_len, num_heads).transpose(0, 3, 1, 2)
@@ -184,10 +187,16 @@ def _diagonal_scores_bwd(width, scale, res, dr):
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
     qg, offset = _grouped(q, k)
-    dr = (dr * scale).transpose(0, 2, 3, 1).reshape(batch, width, q_len, num_kv_heads, num_heads // num_kv_heads)
+    dr = (
+        (dr * scale)
+        .transpose(0, 2, 3, 1)
+        .reshape(batch, width, q_len, num_kv_heads, num_heads // num_kv_heads)
+    )
     acc = qg.dtype
     # Rows r + S - T + e of k for e = 1..W, and rows j - (S - T) - e of q, as windows of padded copies.
-    k_pad = jnp.pad(k, ((0, 0), (max(0, -offset - 1), max(0, q_len + offset + width - kv_len)), (0, 0), (0, 0)))
+    k_pad = jnp.pad(
+        k, ((0, 0), (max(0, -offset - 1), max(0, q_len + offset + width - kv_len)), (0, 0), (0, 0))
+    )
     rows_pad = (max(0, offset + width), max(0, kv_len - offset - 1 - q_len))
     q_pad = jnp.pad(qg, ((0, 0), rows_pad, (0, 0), (0, 0), (0, 0)))
     dr_pad = jnp.pad(dr, ((0, 0), (0, 0), rows_pad, (0, 0), (0, 0)))
@@ -224,49 +233,56 @@ diagonal_scores.defvjp(_diagonal_scores_fwd, _diagonal_scores_bwd)
 
 
 def _band_masks(q_segment_ids, kv_segment_ids, c_q: int, c_k: int, pad_left: int, width: int):
-    """(rows_ok [c_q] x [B, T], keys_ok [c_k] x [B, W, T]) booleans of the band's terms.
+    """(rows_ok [c_q, B, T], keys_ok [B, c_k, W, T]) booleans of the band's terms.
 
-    rows_ok[u][i]: query i - u exists and lies in i's document. keys_ok[c][delta, i]: the key
+    rows_ok[u, b, i]: query i - u exists and lies in i's document. keys_ok[b, c, delta, i]: the key
     j = i + S - T - delta exists and so does its tap j - pl + c, in j's document.
     """
     q_len = q_segment_ids.shape[1]
     kv_len = kv_segment_ids.shape[1]
     keys = jnp.arange(q_len)[None, :] + (kv_len - q_len) - jnp.arange(width)[:, None]  # [W, T]
-    inside = (keys >= 0) & (keys < kv_len)
-    key_ids = jnp.take(kv_segment_ids, jnp.clip(keys, 0, kv_len - 1), axis=1)  # [B, W, T]
-    keys_ok = []
-    for c in range(c_k):
-        tap = keys - pad_left + c
-        tap_ids = jnp.take(kv_segment_ids, jnp.clip(tap, 0, kv_len - 1), axis=1)
-        keys_ok.append(inside & (tap >= 0) & (tap < kv_len) & (tap_ids == key_ids))
-    return [_same_doc(q_segment_ids, u) for u in range(c_q)], keys_ok
+    taps = keys[None] - pad_left + jnp.arange(c_k)[:, None, None]  # [c_k, W, T]
+    inside = ((keys >= 0) & (keys < kv_len))[None] & (taps >= 0) & (taps < kv_len)
+
+    def ids_at(positions):
+        flat = jnp.take(kv_segment_ids, jnp.clip(positions, 0, kv_len - 1).reshape(-1), axis=1)
+        return flat.reshape(kv_segment_ids.shape[:1] + positions.shape)
+
+    keys_ok = inside[None] & (ids_at(taps) == ids_at(keys)[:, None])
+    rows_ok = jnp.stack([_same_doc(q_segment_ids, u) for u in range(c_q)])
+    return rows_ok, keys_ok
 
 
-def _terms(c_q: int, c_k: int, pad_left: int, width: int):
-    """(delta, u, c, e) of every band term: e = c + u - pl - delta in 1..W."""
-    return [
-        (delta, u, c, c + u - pad_left - delta)
-        for delta in range(width)
-        for u in range(c_q)
-        for c in range(c_k)
-        if 1 <= c + u - pad_left - delta <= width
-    ]
+def _band_index(u: int, c_k: int, pad_left: int, width: int):
+    """(index [c_k * W], valid [c_k, W]): for tap c and diagonal delta, the row e - 1 of R that
+    shift u reads (e = c + u - pl - delta), and whether 1 <= e <= W."""
+    c = np.arange(c_k)[:, None]
+    e = c + u - pad_left - np.arange(width)[None, :]
+    valid = (e >= 1) & (e <= width)
+    return np.clip(e - 1, 0, width - 1).reshape(-1), valid
+
+
+def _gathered(r_t, u: int, c_k: int, pad_left: int):
+    """[B, H, c_k, W, T]: R[c + u - pl - delta - 1, i - u] for every (c, delta), 0 where invalid."""
+    batch, heads, width, q_len = r_t.shape
+    index, valid = _band_index(u, c_k, pad_left, width)
+    rows = jnp.take(_shift_rows(r_t, u, axis=3), index, axis=2).reshape(batch, heads, c_k, width, q_len)
+    return jnp.where(valid[None, None, :, :, None], rows, 0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _band_from_diagonals(r_t, kernel, q_segment_ids, kv_segment_ids, pad_left: int):
-    """band_t [B, H, W, T] from R [B, H, W, T] (see band_correction): one fused sum per diagonal,
-    and a VJP that keeps R alone (autodiff would keep every masked term)."""
+    """band_t [B, H, W, T] from R [B, H, W, T] (see band_correction): one fused pass per query shift u,
+    and a VJP that keeps R alone (autodiff would keep every gathered term)."""
     num_heads, c_q, c_k = kernel.shape
-    width = r_t.shape[2]
     flipped = kernel[:, ::-1, :].astype(r_t.dtype)  # Wt[h, u, c]
-    rows_ok, keys_ok = _band_masks(q_segment_ids, kv_segment_ids, c_q, c_k, pad_left, width)
-    rows = [jnp.zeros(r_t.shape[:2] + r_t.shape[3:], r_t.dtype) for _ in range(width)]
-    for delta, u, c, e in _terms(c_q, c_k, pad_left, width):
-        mask = (rows_ok[u] & keys_ok[c][:, delta])[:, None]  # [B, 1, T]
-        source = _shift_rows(r_t[:, :, e - 1], u, axis=2)  # R[e - 1, i - u]
-        rows[delta] = rows[delta] + jnp.where(mask, flipped[None, :, u, c, None] * source, 0)
-    return jnp.stack(rows, axis=2)
+    rows_ok, keys_ok = _band_masks(q_segment_ids, kv_segment_ids, c_q, c_k, pad_left, r_t.shape[2])
+    band = jnp.zeros(r_t.shape, r_t.dtype)
+    for u in range(c_q):
+        terms = jnp.where(keys_ok[:, None], _gathered(r_t, u, c_k, pad_left), 0)  # [B, H, c_k, W, T]
+        summed = jnp.einsum("bhcdi,hc->bhdi", terms, flipped[:, u])
+        band = band + jnp.where(rows_ok[u][:, None, None, :], summed, 0)
+    return band
 
 
 def _band_fwd(r_t, kernel, q_segment_ids, kv_segment_ids, pad_left):
@@ -277,18 +293,25 @@ def _band_fwd(r_t, kernel, q_segment_ids, kv_segment_ids, pad_left):
 def _band_bwd(pad_left, res, dband):
     r_t, kernel, q_segment_ids, kv_segment_ids = res
     num_heads, c_q, c_k = kernel.shape
-    width = r_t.shape[2]
+    batch, _, width, q_len = r_t.shape
     flipped = kernel[:, ::-1, :].astype(r_t.dtype)
     rows_ok, keys_ok = _band_masks(q_segment_ids, kv_segment_ids, c_q, c_k, pad_left, width)
-    dr = [jnp.zeros(r_t.shape[:2] + r_t.shape[3:], r_t.dtype) for _ in range(width)]
-    dflipped = [[jnp.zeros((num_heads,), r_t.dtype) for _ in range(c_k)] for _ in range(c_q)]
-    for delta, u, c, e in _terms(c_q, c_k, pad_left, width):
-        g = jnp.where((rows_ok[u] & keys_ok[c][:, delta])[:, None], dband[:, :, delta], 0)  # [B, H, T]
-        source = _shift_rows(r_t[:, :, e - 1], u, axis=2)
-        dflipped[u][c] = dflipped[u][c] + jnp.sum(g * source, axis=(0, 2))
-        dr[e - 1] = dr[e - 1] + _shift_rows(g * flipped[None, :, u, c, None], -u, axis=2)
-    dkernel = jnp.stack([jnp.stack(row, axis=-1) for row in dflipped], axis=1)[:, ::-1, :]
-    return jnp.stack(dr, axis=2), dkernel.astype(kernel.dtype), None, None
+    dr = jnp.zeros(r_t.shape, r_t.dtype)
+    dflipped = []
+    for u in range(c_q):
+        g = jnp.where(rows_ok[u][:, None, None, :], dband, 0)[:, :, None]  # [B, H, 1, W, T]
+        g = jnp.where(keys_ok[:, None], g, 0)  # [B, H, c_k, W, T]
+        dflipped.append(jnp.einsum("bhcdi,bhcdi->hc", g, _gathered(r_t, u, c_k, pad_left)))
+        index, valid = _band_index(u, c_k, pad_left, width)
+        weighted = jnp.where(valid[None, None, :, :, None], g * flipped[None, :, u, :, None, None], 0)
+        back = (
+            jnp.zeros(r_t.shape, r_t.dtype)
+            .at[:, :, index]
+            .add(weighted.reshape(batch, -1, c_k * width, q_len))
+        )
+        dr = dr + _shift_rows(back, -u, axis=3)
+    dkernel = jnp.stack(dflipped, axis=1)[:, ::-1, :]
+    return dr, dkernel.astype(kernel.dtype), None, None
 
 
 _band_from_diagonals.defvjp(_band_fwd, _band_bwd)

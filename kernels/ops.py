@@ -1,34 +1,38 @@
 """implementation="pallas": the fused kernels behind multi_token_attention's signature.
 
     q, k, v --(dspace.py: conv folded into operands, band correction)--> qp, kp, band
-            --(triton_core.py on GPU / tpu_core.py on TPU)--> out
+            --(triton_core.py on GPU / tpu_core.py on TPU / the Triton kernels interpreted on CPU)--> out
 
-What the kernels support: the pre-softmax key-query conv (any c_q, c_k, pad_key), head mixing in
-groups of at most 4 before and after the softmax, causal or not, packed documents (segment ids),
-grouped-query attention, T != S. Anything else (post-softmax conv, wider head mixing, dropout) is a
+The kernel is chosen for the platform being compiled for (kernels/platform.py), not the host's, and
+its tiles for the chip (triton_tiles.py, tpu_tiles.py). What the kernels support: the pre-softmax
+key-query conv (any c_q, c_k, pad_key), head mixing in groups of at most 4 before and after the
+softmax, causal or not, packed documents (segment ids), grouped-query attention, T != S, float32 and
+bfloat16 (float16) inputs. Anything else (post-softmax conv, wider head mixing, dropout, float64) is a
 ValueError naming the option; implementation="auto" then picks the blockwise path.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
+from kernels import tpu_tiles, triton_tiles
 from kernels.dspace import dspace_operands
+from kernels.platform import Target, chip_of, per_platform
 from kernels.tpu_core import mta_core_tpu
 from kernels.triton_core import mta_core_triton
 from mta_jax.config import MTAConfig
-from mta_jax.params import MTAParams
+from mta_jax.params import MTAParams, key_padding
 
 MAX_MIX_GROUP = 4
-# Default tiles per kernel: Triton needs powers of two; TPU blocks are explained in tpu_core.py.
-DEFAULT_BLOCKS = {"triton": (64, 64), "tpu": (256, 256)}
 KERNELS = ("triton", "tpu")
 _PAD_Q_SEGMENT = jnp.iinfo(jnp.int32).min  # padded query rows see nothing
 _PAD_KV_SEGMENT = jnp.iinfo(jnp.int32).min + 1  # padded keys are seen by nobody
 
 
-def unsupported_option(cfg: MTAConfig, *, training_dropout: bool = False) -> str | None:
+def unsupported_option(cfg: MTAConfig, *, training_dropout: bool = False, dtype=None) -> str | None:
     """Why the kernels cannot run this configuration (naming the option), or None if they can."""
     if cfg.post_conv is not None:
         return f"post_conv={cfg.post_conv} (the post-softmax key-query conv)"
@@ -41,28 +45,54 @@ def unsupported_option(cfg: MTAConfig, *, training_dropout: bool = False) -> str
         return f"pre_head_mix={sizes[0]} with post_head_mix={sizes[1]} (one group size must divide the other)"
     if training_dropout:
         return f"dropout_rate={cfg.dropout_rate} (attention dropout in training)"
+    if dtype is not None and jnp.dtype(dtype) == jnp.float64:
+        return "float64 inputs (the kernels compute in float32 at most)"
     return None
-
-
-def default_kernel(backend: str | None = None) -> str:
-    """Triton on GPUs and (interpreted) on CPU; Mosaic on TPUs."""
-    return "tpu" if (backend or jax.default_backend()) == "tpu" else "triton"
-
-
-def _block(requested: int | None, default: int, length: int, kernel: str) -> int:
-    """The tile size actually used: the requested (or default) one, shrunk for short sequences."""
-    block = requested or default
-    if length >= block:
-        return block
-    if kernel == "triton":  # powers of two, at least 16
-        return max(16, 1 << (length - 1).bit_length())
-    return -(-length // 8) * 8
 
 
 def _pad_front(x: jax.Array, amount: int, value=0) -> jax.Array:
     pad = [(0, 0)] * x.ndim
     pad[1] = (amount, 0)
     return jnp.pad(x, pad, constant_values=value)
+
+
+def _problem(q, k, cfg: MTAConfig):
+    """(G, C, width) of this layer: heads per program, slabs of the QK contraction, band width."""
+    group = max([s for s in (cfg.pre_head_mix, cfg.post_head_mix) if s is not None], default=1)
+    if cfg.pre_conv is None:
+        return group, 1, 0
+    c_q, c_k = cfg.pre_conv
+    pad_left, _ = key_padding(c_k, cfg.pad_key)
+    width = (c_k - 1 - pad_left) + c_q - 1 if cfg.causal else 0
+    return group, c_q, width
+
+
+def default_block_sizes(kernel: str, chip, q, k, cfg: MTAConfig):
+    """The kernel's tiles for this layer on `chip` (None: the kernel's own defaults)."""
+    group, slabs, width = _problem(q, k, cfg)
+    head_dim, itemsize = q.shape[-1], jnp.dtype(q.dtype).itemsize
+    if chip is None:
+        return None
+    if kernel == "triton":
+        problem = triton_tiles.Problem(group, slabs, head_dim, head_dim, itemsize)
+        return triton_tiles.default_block_sizes(chip, problem, width)
+    problem = tpu_tiles.Problem(group, slabs, head_dim, head_dim, width, itemsize)
+    return tpu_tiles.default_block_sizes(chip, problem)
+
+
+def _fit_to_lengths(blocks, q_len: int, kv_len: int, smallest: int):
+    """blocks with every tile clipped to the sequences: at most the power of two >= T (S), at least
+    `smallest`. All tiles stay powers of two, so T and S are padded to multiples of the largest."""
+
+    def at_most(block: int, length: int) -> int:
+        return min(block, max(smallest, 1 << max(0, length - 1).bit_length()))
+
+    def fit(tiles):
+        return dataclasses.replace(
+            tiles, block_q=at_most(tiles.block_q, q_len), block_k=at_most(tiles.block_k, kv_len)
+        )
+
+    return dataclasses.replace(blocks, fwd=fit(blocks.fwd), dq=fit(blocks.dq), dkv=fit(blocks.dkv))
 
 
 def pallas_attention_core(
@@ -79,25 +109,61 @@ def pallas_attention_core(
     block_k: int | None = None,
     kernel: str | None = None,
     interpret: bool | None = None,
+    block_sizes=None,
+    target: Target | None = None,
 ) -> jax.Array:
     """The attention core through the fused kernels: q [B, T, H, D], k/v [B, S, Hkv, D] -> [B, T, H, D]
     float32, like reference_attention_core.
 
-    kernel: "triton" or "tpu" (default: the backend's); interpret: run the kernel in the Pallas
-    interpreter (default: on CPU). Both sequences are padded at the front to whole tiles, which keeps
-    the bottom-right causal alignment; padded keys belong to no document.
+    kernel: "triton" or "tpu" to force one (default: the platform's, per platform when the target is
+    not known at trace time); interpret: run it in the Pallas interpreter (default: only on CPU).
+    block_sizes: a TritonBlockSizes / TpuBlockSizes (default: from the chip's resource model);
+    block_q / block_k override the tiles of every kernel. target: the platform (and device kind) to
+    compile for, when the caller knows it (implementation="auto" does). Both sequences are padded at the front to
+    whole tiles, which keeps the bottom-right causal alignment; padded keys belong to no document.
     """
-    reason = unsupported_option(cfg, training_dropout=dropout_rng is not None)
+    reason = unsupported_option(cfg, training_dropout=dropout_rng is not None, dtype=q.dtype)
     if reason:
         raise ValueError(f'implementation="pallas" does not support {reason}; use "blockwise" or "reference"')
-    kernel = kernel or default_kernel()
-    if kernel not in KERNELS:
+    if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is invalid: must be one of {KERNELS}")
-    interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+    options = dict(block_q=block_q, block_k=block_k, block_sizes=block_sizes)
+    args = (q, k, v, params, q_segment_ids, kv_segment_ids)
+    if target is not None and kernel is None:
+        kernel = "tpu" if target.platform == "tpu" else "triton"
+        interpret = target.platform == "cpu" if interpret is None else interpret
+        return _run(*args, cfg=cfg, kernel=kernel, interpret=interpret, target=target, **options)
+    if kernel is not None:
+        interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+        platform = "cpu" if interpret else ("tpu" if kernel == "tpu" else "cuda")
+        return _run(
+            *args, cfg=cfg, kernel=kernel, interpret=interpret, target=Target(platform, None), **options
+        )
+
+    def branch(kernel_name: str, interpreted: bool):
+        def run(*a, target: Target):
+            return _run(*a, cfg=cfg, kernel=kernel_name, interpret=interpreted, target=target, **options)
+
+        return run
+
+    return per_platform(
+        args, q, tpu=branch("tpu", bool(interpret)), cuda=branch("triton", bool(interpret)),
+        cpu=branch("triton", True if interpret is None else interpret),
+    )  # fmt: skip
+
+
+def _run(q, k, v, params, q_segment_ids, kv_segment_ids, *, cfg, kernel, interpret, target, **options):
+    """One kernel on one platform: glue, padding, tiles, kernel call."""
     batch, q_len, num_heads, head_dim = q.shape
-    kv_len, num_kv_heads = k.shape[1], k.shape[2]
-    bq = _block(block_q, DEFAULT_BLOCKS[kernel][0], q_len, kernel)
-    bk = _block(block_k, DEFAULT_BLOCKS[kernel][1], kv_len, kernel)
+    kv_len = k.shape[1]
+    # Tiles for the chip compiled for; interpreted on the CPU, the kernels' plain defaults (fewer steps).
+    chip = None if target.platform == "cpu" else chip_of(target.platform, target.device_kind)
+    blocks = options["block_sizes"] or default_block_sizes(kernel, chip, q, k, cfg)
+    if blocks is None:
+        blocks = triton_tiles.TritonBlockSizes() if kernel == "triton" else tpu_tiles.TpuBlockSizes()
+    blocks = blocks.with_blocks(options["block_q"], options["block_k"])
+    blocks = _fit_to_lengths(blocks, q_len, kv_len, 16 if kernel == "triton" else 8)
+    bq, bk = blocks.max_blocks()
     q_pad, kv_pad = -q_len % bq, -kv_len % bk
     if q_segment_ids is None:
         q_segment_ids = jnp.zeros((batch, q_len), jnp.int32)
@@ -110,11 +176,23 @@ def pallas_attention_core(
         qp, kp, band = dspace_operands(q, k, params.pre_conv, q_ids, kv_ids, cfg.pad_key, cfg.causal)
     else:
         qp = (q * head_dim**-0.5).astype(q.dtype).transpose(0, 2, 1, 3)[:, :, None]  # [B, H, 1, T, D]
-        kp = jnp.repeat(k.transpose(0, 2, 1, 3), num_heads // num_kv_heads, axis=1)[:, :, None]
+        kp = jnp.repeat(k.transpose(0, 2, 1, 3), num_heads // k.shape[2], axis=1)[:, :, None]
         band = None
-    core = mta_core_triton if kernel == "triton" else mta_core_tpu
-    out = core(
-        qp, kp, v.transpose(0, 2, 1, 3), band, q_ids, kv_ids, params.pre_head_mix, params.post_head_mix,
-        causal=cfg.causal, block_q=bq, block_k=bk, interpret=interpret,
-    )  # fmt: skip
+    operands = (
+        qp,
+        kp,
+        v.transpose(0, 2, 1, 3),
+        band,
+        q_ids,
+        kv_ids,
+        params.pre_head_mix,
+        params.post_head_mix,
+    )
+    if kernel == "triton":
+        out = mta_core_triton(*operands, causal=cfg.causal, block_sizes=blocks, interpret=interpret)
+    else:
+        vmem = chip.vmem_bytes if chip is not None else 16 * 2**20
+        out = mta_core_tpu(
+            *operands, causal=cfg.causal, block_sizes=blocks, vmem_bytes=vmem, interpret=interpret
+        )
     return out.transpose(0, 2, 1, 3)[:, q_pad:]

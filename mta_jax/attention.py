@@ -160,25 +160,19 @@ def multi_token_attention(
             f"dropout_rng=None is invalid: dropout_rate={cfg.dropout_rate} with "
             "deterministic=False needs a PRNG key"
         )
-    if implementation == "auto":
-        implementation = choose_implementation(
-            cfg, q.shape[1], k.shape[1], training_dropout=dropout_rng is not None
-        )
-    core = _CORES[implementation]
     if cfg.depth_scaling and layer_index is None:
         raise ValueError("layer_index=None is invalid: depth_scaling=True needs the layer index")
-    out = core(
-        q,
-        k,
-        v,
-        params,
-        cfg,
+    options = dict(
         q_segment_ids=segment_ids,
         kv_segment_ids=kv_segment_ids,
         dropout_rng=dropout_rng,
         block_q=block_q,
         block_k=block_k,
     )
+    if implementation == "auto":
+        out = _auto_attention_core(q, k, v, params, cfg, **options)
+    else:
+        out = _CORES[implementation](q, k, v, params, cfg, **options)
     return head_output(out, params, cfg, layer_index).astype(q.dtype)
 
 
@@ -188,20 +182,26 @@ _announced: set[str] = set()
 
 
 def choose_implementation(
-    cfg: MTAConfig, q_len: int, kv_len: int, backend: str | None = None, *, training_dropout: bool = False
+    cfg: MTAConfig,
+    q_len: int,
+    kv_len: int,
+    backend: str | None = None,
+    *,
+    training_dropout: bool = False,
+    dtype=None,
 ) -> str:
-    """What implementation="auto" runs, logged once per distinct choice: the fused kernels on GPU and
-    TPU when they support the configuration, else blockwise for long sequences, else the reference."""
+    """What implementation="auto" runs on `backend` ("tpu", "cuda" or "gpu", "cpu"; default: the
+    host's), logged once per distinct choice: the fused kernels on GPU and TPU when they support the
+    configuration, else blockwise for long sequences (always on GPU and TPU), else the reference."""
     from kernels.ops import unsupported_option
 
     backend = backend or jax.default_backend()
-    missing = unsupported_option(cfg, training_dropout=training_dropout)
-    if backend in ("gpu", "tpu") and missing is None:
+    accelerator = backend in ("gpu", "cuda", "tpu")
+    missing = unsupported_option(cfg, training_dropout=training_dropout, dtype=dtype)
+    if accelerator and missing is None:
         name, why = "pallas", "the fused kernels support this configuration"
-    elif q_len * kv_len >= AUTO_BLOCKWISE_MIN_SCORES or backend in ("gpu", "tpu"):
-        kernels = (
-            f"the fused kernels lack {missing}" if backend in ("gpu", "tpu") else "no fused kernels on CPU"
-        )
+    elif q_len * kv_len >= AUTO_BLOCKWISE_MIN_SCORES or accelerator:
+        kernels = f"the fused kernels lack {missing}" if accelerator else "no fused kernels on CPU"
         name, why = "blockwise", f"{kernels}; T x S = {q_len} x {kv_len} scores per head"
     else:
         name, why = "reference", f"T x S = {q_len} x {kv_len} is small enough to materialise"
@@ -210,6 +210,24 @@ def choose_implementation(
         _announced.add(message)
         logger.info(message)
     return name
+
+
+def _auto_attention_core(q, k, v, params, cfg, *, dropout_rng, **options) -> jax.Array:
+    """implementation="auto" for the platform being compiled for (kernels/platform.py): decided at
+    trace time when the mesh or q's sharding names the device, else staged per platform."""
+    from kernels.platform import per_platform
+
+    def branch(platform: str):
+        def run(q, k, v, params, target):
+            name = choose_implementation(
+                cfg, q.shape[1], k.shape[1], platform, training_dropout=dropout_rng is not None, dtype=q.dtype
+            )
+            extra = {"target": target} if name == "pallas" else {}
+            return _CORES[name](q, k, v, params, cfg, dropout_rng=dropout_rng, **options, **extra)
+
+        return run
+
+    return per_platform((q, k, v, params), q, tpu=branch("tpu"), cuda=branch("cuda"), cpu=branch("cpu"))
 
 
 def _check_inputs(q, k, v, params, cfg, segment_ids, kv_segment_ids) -> None:

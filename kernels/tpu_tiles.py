@@ -1,0 +1,115 @@
+"""Tile defaults for the TPU kernels from a VMEM model of one program.
+
+A TPU program keeps its blocks in VMEM, double-buffered by the pipeline (qp [G, C, bq, Dk], kp
+[G, C, bk, Dk], v, the band, segment ids, and per kernel its outputs: out / dq / dk / dv), its scratch
+accumulators (float32: the online-softmax state, dq [G, C, bq, Dk], dk and dv) and the live float32
+score tiles of the head group. `vmem_bytes` adds these up with Mosaic's (8, 128) padding. A kernel fits
+when twice the estimate (Mosaic's own temporaries, register spills) stays within 7/8 of the chip's
+VMEM, the vmem_limit_bytes the kernels ask for (tpu_common.vmem_limit). `default_block_sizes` takes
+the largest tiles that fit, per kernel; `python -m kernels.compile_check` confirms them with libtpu.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from kernels.chips import Chip
+from kernels.tpu_common import LANES, LIVE_SCORE_TILES, SUBLANES
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTiles:
+    """block_q rows of queries and block_k of keys per program (block_k on lanes: a multiple of 128)."""
+
+    block_q: int = 256
+    block_k: int = 256
+
+    def __post_init__(self):
+        if self.block_q <= 0 or self.block_q % SUBLANES:
+            raise ValueError(f"block_q={self.block_q} is invalid: must be a positive multiple of {SUBLANES}")
+        if self.block_k <= 0 or self.block_k % SUBLANES:
+            raise ValueError(f"block_k={self.block_k} is invalid: must be a positive multiple of {SUBLANES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuBlockSizes:
+    """Tiles of the forward (and lse / post-mix passes), the delta and dQ kernels, and dK/dV."""
+
+    fwd: TpuTiles = TpuTiles()
+    dq: TpuTiles = TpuTiles()
+    dkv: TpuTiles = TpuTiles()
+
+    def with_blocks(self, block_q: int | None, block_k: int | None) -> TpuBlockSizes:
+        def replace(tiles: TpuTiles) -> TpuTiles:
+            return TpuTiles(block_q or tiles.block_q, block_k or tiles.block_k)
+
+        return TpuBlockSizes(replace(self.fwd), replace(self.dq), replace(self.dkv))
+
+    def max_blocks(self) -> tuple[int, int]:
+        kernels = (self.fwd, self.dq, self.dkv)
+        return max(t.block_q for t in kernels), max(t.block_k for t in kernels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    group: int
+    slabs: int
+    dk: int
+    d: int
+    width: int = 0
+    itemsize: int = 2
+
+
+def _padded(*dims: int, itemsize: int = 4) -> int:
+    """Bytes of a VMEM buffer: last dim padded to 128 lanes, second-last to 8 sublanes."""
+    dims = list(dims)
+    dims[-1] = -(-dims[-1] // LANES) * LANES
+    if len(dims) > 1:
+        dims[-2] = -(-dims[-2] // SUBLANES) * SUBLANES
+    return math.prod(dims) * itemsize
+
+
+def vmem_bytes(kind: str, p: Problem, tiles: TpuTiles) -> int:
+    """Estimated VMEM of one program of kernel `kind` ("fwd", "dq" or "dkv")."""
+    g, c, bq, bk, isz = p.group, p.slabs, tiles.block_q, tiles.block_k, p.itemsize
+    blocks = [
+        _padded(g, c, bq, p.dk, itemsize=isz),  # qp
+        _padded(g, c, bk, p.dk, itemsize=isz),  # kp
+        _padded(g, bk, p.d, itemsize=isz),  # v (at most one kv head per query head)
+        _padded(bq, LANES),  # q segment ids
+        _padded(SUBLANES, bk),  # kv segment ids
+    ]
+    if p.width:
+        blocks.append(_padded(g, bq, p.width))
+    rows = _padded(g, bq, LANES)  # lse, delta
+    if kind == "fwd":
+        blocks += [_padded(g, bq, p.d), rows]
+        scratch = 2 * rows + _padded(g, bq, p.d)
+    elif kind == "dq":
+        blocks += [_padded(g, bq, p.d), 2 * rows, _padded(g, c, bq, p.dk, itemsize=isz)]
+        if p.width:
+            blocks.append(_padded(g, bq, p.width))
+        scratch = _padded(g, c, bq, p.dk)
+    else:
+        blocks += [_padded(g, bq, p.d), 2 * rows, _padded(g, c, bk, p.dk, itemsize=isz), _padded(g, bk, p.d)]
+        scratch = _padded(g, c, bk, p.dk) + _padded(g, bk, p.d)
+    live = LIVE_SCORE_TILES * g * bq * bk * 4
+    return 2 * sum(blocks) + scratch + live
+
+
+def fits(kind: str, p: Problem, tiles: TpuTiles, chip: Chip) -> bool:
+    return 2 * vmem_bytes(kind, p, tiles) <= chip.vmem_bytes * 7 // 8
+
+
+def default_block_sizes(chip: Chip, p: Problem) -> TpuBlockSizes:
+    """Per kernel the largest tiles that fit (most scores a program, then square, then block_k),
+    block_k at least 128 (lanes) and at least the band width."""
+    candidates = sorted(
+        (TpuTiles(bq, bk) for bq in (512, 256, 128, 64, 32) for bk in (512, 256, 128) if bk >= p.width),
+        key=lambda t: (-t.block_q * t.block_k, abs(t.block_q - t.block_k), -t.block_k),
+    )
+    chosen = {}
+    for kind in ("fwd", "dq", "dkv"):
+        chosen[kind] = next((t for t in candidates if fits(kind, p, t, chip)), candidates[-1])
+    return TpuBlockSizes(**chosen)
