@@ -63,13 +63,31 @@ def _same_doc_dynamic(segment_ids: jax.Array, shift, bound: int) -> jax.Array:
     return _shift_dynamic(segment_ids + 1, shift, bound) - 1 == segment_ids
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def query_slabs(q: jax.Array, q_segment_ids: jax.Array, c_q: int, scale: float) -> jax.Array:
-    """qp [B, H, c_q, T, D]: slab u holds scale * q[i - u] where row i - u is in row i's document."""
+    """qp [B, H, c_q, T, D]: slab u holds scale * q[i - u] where row i - u is in row i's document.
+    Its VJP keeps the segment ids alone (autodiff would keep every slab and its mask)."""
     slabs = []
     for u in range(c_q):
         same = _same_doc(q_segment_ids, u)[:, :, None, None]
         slabs.append(jnp.where(same, _shift_rows(q, u), 0) * scale)
     return jnp.stack(slabs, axis=2).transpose(0, 3, 2, 1, 4)
+
+
+def _query_slabs_fwd(q, q_segment_ids, c_q, scale):
+    return query_slabs(q, q_segment_ids, c_q, scale), q_segment_ids
+
+
+def _query_slabs_bwd(c_q, scale, q_segment_ids, dqp):
+    dq = 0
+    for u in range(c_q):
+        same = _same_doc(q_segment_ids, u)[:, :, None, None]
+        slab = dqp[:, :, u].transpose(0, 2, 1, 3)  # [B, T, H, D]
+        dq = dq + _shift_rows(jnp.where(same, slab, 0), -u)
+    return (dq * scale).astype(dqp.dtype), None
+
+
+query_slabs.defvjp(_query_slabs_fwd, _query_slabs_bwd)
 
 
 def _tap_masks(kv_segment_ids: jax.Array, c_k: int, pad_left: int) -> list[jax.Array]:

@@ -32,8 +32,11 @@ _PAD_Q_SEGMENT = jnp.iinfo(jnp.int32).min  # padded query rows see nothing
 _PAD_KV_SEGMENT = jnp.iinfo(jnp.int32).min + 1  # padded keys are seen by nobody
 
 
-def unsupported_option(cfg: MTAConfig, *, training_dropout: bool = False, dtype=None) -> str | None:
-    """Why the kernels cannot run this configuration (naming the option), or None if they can."""
+def unsupported_option(
+    cfg: MTAConfig, *, training_dropout: bool = False, dtype=None, head_dim: int | None = None, platform=None
+) -> str | None:
+    """Why the kernels cannot run this configuration (naming the option), or None if they can.
+    platform "cuda" (the Triton kernels) also needs a head dim that is a multiple of 16."""
     if cfg.post_conv is not None:
         return f"post_conv={cfg.post_conv} (the post-softmax key-query conv)"
     for name in ("pre_head_mix", "post_head_mix"):
@@ -47,6 +50,8 @@ def unsupported_option(cfg: MTAConfig, *, training_dropout: bool = False, dtype=
         return f"dropout_rate={cfg.dropout_rate} (attention dropout in training)"
     if dtype is not None and jnp.dtype(dtype) == jnp.float64:
         return "float64 inputs (the kernels compute in float32 at most)"
+    if platform in ("cuda", "gpu") and head_dim is not None and head_dim % 16:
+        return f"head_dim={head_dim} on GPU (the Triton kernels need a multiple of 16)"
     return None
 
 

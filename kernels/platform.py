@@ -14,6 +14,7 @@ jax.default_backend() names the host, not the target: compiling for a TPU or a G
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 
@@ -33,7 +34,8 @@ def _platform_name(platform: str) -> str:
 
 
 def traced_target(x: jax.Array | None = None) -> Target | None:
-    """The target named by the current mesh or by x's sharding, else None."""
+    """The target named by the current mesh or by x's sharding, else by $MTA_TARGET_PLATFORM ("tpu",
+    "cuda" or "cpu": what to compile for when nothing else says), else None."""
     candidates = [jax.sharding.get_abstract_mesh()]
     if x is not None:
         sharding = getattr(jax.typeof(x), "sharding", None)
@@ -42,6 +44,12 @@ def traced_target(x: jax.Array | None = None) -> Target | None:
         device = getattr(mesh, "abstract_device", None)
         if device is not None:
             return Target(_platform_name(device.platform), device.device_kind)
+    forced = os.environ.get("MTA_TARGET_PLATFORM")
+    if forced:
+        platform = _platform_name(forced.lower())
+        if platform not in PLATFORMS:
+            raise ValueError(f"MTA_TARGET_PLATFORM={forced!r} is invalid: must be one of {PLATFORMS}")
+        return Target(platform, local_device_kind(platform) if platform != "cpu" else None)
     return None
 
 

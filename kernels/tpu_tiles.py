@@ -102,11 +102,18 @@ def fits(kind: str, p: Problem, tiles: TpuTiles, chip: Chip) -> bool:
     return 2 * vmem_bytes(kind, p, tiles) <= chip.vmem_bytes * 7 // 8
 
 
+# Tiles of at most 256 x 256: a [512, 512] float32 score tile is 256 vector registers, G of them
+# (with P, dP, dS in the backward) spill, and Mosaic's compile time grows with the unrolled program
+# (226 s for the 6x11 conv with mixing in groups of 4 at 512, D = 64, on a v5e).
+SIZES_Q = (256, 128, 64, 32)
+SIZES_K = (256, 128)
+
+
 def default_block_sizes(chip: Chip, p: Problem) -> TpuBlockSizes:
     """Per kernel the largest tiles that fit (most scores a program, then square, then block_k),
     block_k at least 128 (lanes) and at least the band width."""
     candidates = sorted(
-        (TpuTiles(bq, bk) for bq in (512, 256, 128, 64, 32) for bk in (512, 256, 128) if bk >= p.width),
+        (TpuTiles(bq, bk) for bq in SIZES_Q for bk in SIZES_K if bk >= p.width),
         key=lambda t: (-t.block_q * t.block_k, abs(t.block_q - t.block_k), -t.block_k),
     )
     chosen = {}

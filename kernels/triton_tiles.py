@@ -6,14 +6,22 @@ per block):
   (`smem_bytes`, buffer by buffer), plus the tiles a program keeps (q with one slab) and the
   scratch of one layout conversion of a score tile;
 - registers: the float32 accumulators (out or dV: [rows, D] per head; dQ / dK: [rows, chunk * Dk] per
-  head) and the live score tiles (s, p, dp, ... of every head of the group) spread over the threads
-  (`live_floats_per_thread`). A thread has at most 255 registers; indices, pointers, masks and
-  the compiler's temporaries take the rest, so the model allows LIVE_BUDGET floats a thread.
+  head), the live score tiles (s, p, dp, ... of every head of the group) and the operand tiles of
+  the G heads (v, dout), spread over the threads (`live_floats_per_thread`). A thread has at most
+  255 registers; indices, pointers, masks and the compiler's temporaries take the rest, so the model
+  allows a budget of live floats a thread.
 
-The coefficients were calibrated against XLA's Triton and ptxas for sm_90a (`python -m
-kernels.compile_check` reruns the real compilers on the defaults; bench/results/compile-h100.json).
-`default_block_sizes` walks the candidates from the largest tiles down and takes the first that fits,
-preferring no slab chunks (each chunk recomputes the score tiles).
+The coefficients (COEFFICIENTS) were calibrated against XLA's Triton and ptxas -v for sm_90a on about
+1,300 compiled kernels (G 1 and 4, C 1 and 6, D 64 and 128, tiles 16 to 128, 4 and 8 warps, every
+slab chunk): with them no kernel the model accepts spills. `default_block_sizes` walks the candidates
+from the largest tiles down and takes the first that fits, preferring no slab chunks (each chunk
+recomputes the score tiles); `python -m bench.compile_check` reruns the real compilers on the defaults
+(bench/results/compile-h100.json, compile-h200.json).
+
+With head mixing (G > 1) the backward kernels hold G heads' score tiles, probabilities, dP and dS,
+G dout and v tiles and G accumulators at once: at D = 128 no tile fits the registers, and the
+smallest (16 x 16, one slab a program) leaves ptxas a few dozen bytes of spill stores in the dQ
+kernel (24-60 bytes at G = 4; 0 at D = 64), well under 1 KB. The model then falls back to those tiles.
 """
 
 from __future__ import annotations
@@ -24,11 +32,30 @@ import itertools
 from kernels.chips import Chip
 from kernels.triton_common import KernelTiles, TritonBlockSizes
 
-LIVE_BUDGET = 96  # float32 values a thread may keep live beside the compiler's own registers
 SMEM_SLACK = 0.9  # keep 10% of the opt-in shared memory free (barriers, alignment)
 NUM_STAGES = 2  # pipelining depth of the streamed loads (>= 2: loads overlap the matrix unit)
-# Live [bq, bk] float32 score tiles per head of the group, and besides them per program.
-SCORE_TILES = {"fwd": (1.5, 1.5), "dq": (3.0, 2.0), "dkv": (3.0, 2.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Coefficients:
+    """Live [bq, bk] score tiles per head and per program, operand elements per head per row of both
+    tiles and D, and the budget of live float32 values per thread."""
+
+    score_tiles_per_head: float
+    score_tiles: float
+    operands_per_head: float
+    budget: float
+
+
+# (one head a program, or a mixing group) x kernel, fitted to ptxas (module docstring).
+COEFFICIENTS = {
+    (False, "fwd"): Coefficients(0.0, 2, 0.0, 128),
+    (False, "dq"): Coefficients(0.0, 1, 1.0, 144),
+    (False, "dkv"): Coefficients(0.5, 2, 0.5, 104),
+    (True, "fwd"): Coefficients(3.0, 8, 0.0, 104),
+    (True, "dq"): Coefficients(0.0, 0, 0.25, 40),
+    (True, "dkv"): Coefficients(0.0, 0, 0.0, 16),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +79,10 @@ def live_floats_per_thread(kind: str, p: Problem, tiles: KernelTiles) -> float:
         acc = g * chunk * bq * p.dk
     else:  # dkv: dK for the chunk and dV
         acc = g * chunk * bk * p.dk + g * bk * p.d
-    per_head, shared = SCORE_TILES[kind]
-    scores = (per_head * g + shared) * bq * bk
-    return (acc + scores) / (32 * tiles.num_warps)
+    k = COEFFICIENTS[(g > 1, kind)]
+    scores = (k.score_tiles_per_head * g + k.score_tiles) * bq * bk
+    operands = k.operands_per_head * g * (bq + bk) * p.d
+    return (acc + scores + operands) / (32 * tiles.num_warps)
 
 
 def smem_bytes(kind: str, p: Problem, tiles: KernelTiles) -> int:
@@ -78,7 +106,7 @@ def smem_bytes(kind: str, p: Problem, tiles: KernelTiles) -> int:
 
 def fits(kind: str, p: Problem, tiles: KernelTiles, chip: Chip) -> bool:
     return (
-        live_floats_per_thread(kind, p, tiles) <= LIVE_BUDGET
+        live_floats_per_thread(kind, p, tiles) <= COEFFICIENTS[(p.group > 1, kind)].budget
         and smem_bytes(kind, p, tiles) <= SMEM_SLACK * chip.smem_per_block
     )
 
@@ -105,7 +133,7 @@ def default_block_sizes(chip: Chip, p: Problem, width: int = 0) -> TritonBlockSi
             if fits(kind, p, tiles, chip):
                 chosen[kind] = tiles
                 break
-        else:  # nothing fits the model: the smallest tiles, the compiler will say how far off
+        else:  # nothing fits the model: the smallest tiles, one slab a program (module docstring)
             chosen[kind] = KernelTiles(16, max(16, _pow2_at_least(width)), 8, NUM_STAGES, 1)
     return TritonBlockSizes(**chosen)
 

@@ -189,6 +189,7 @@ def choose_implementation(
     *,
     training_dropout: bool = False,
     dtype=None,
+    head_dim: int | None = None,
 ) -> str:
     """What implementation="auto" runs on `backend` ("tpu", "cuda" or "gpu", "cpu"; default: the
     host's), logged once per distinct choice: the fused kernels on GPU and TPU when they support the
@@ -197,7 +198,9 @@ def choose_implementation(
 
     backend = backend or jax.default_backend()
     accelerator = backend in ("gpu", "cuda", "tpu")
-    missing = unsupported_option(cfg, training_dropout=training_dropout, dtype=dtype)
+    missing = unsupported_option(
+        cfg, training_dropout=training_dropout, dtype=dtype, head_dim=head_dim, platform=backend
+    )
     if accelerator and missing is None:
         name, why = "pallas", "the fused kernels support this configuration"
     elif q_len * kv_len >= AUTO_BLOCKWISE_MIN_SCORES or accelerator:
@@ -220,8 +223,9 @@ def _auto_attention_core(q, k, v, params, cfg, *, dropout_rng, **options) -> jax
     def branch(platform: str):
         def run(q, k, v, params, target):
             name = choose_implementation(
-                cfg, q.shape[1], k.shape[1], platform, training_dropout=dropout_rng is not None, dtype=q.dtype
-            )
+                cfg, q.shape[1], k.shape[1], platform,
+                training_dropout=dropout_rng is not None, dtype=q.dtype, head_dim=q.shape[-1],
+            )  # fmt: skip
             extra = {"target": target} if name == "pallas" else {}
             return _CORES[name](q, k, v, params, cfg, dropout_rng=dropout_rng, **options, **extra)
 

@@ -7,6 +7,11 @@ import zlib
 import numpy as np
 import pytest
 
+# With the `compile` extra installed: test processes (xdist workers, CLI subprocesses) may load libtpu
+# side by side, and the CUDA plugin must not print a traceback for the CUDA runtime this host lacks.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
 BASE_SEED = int(os.environ.get("MTA_TEST_SEED", secrets.randbelow(2**31)))
 
 

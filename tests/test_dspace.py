@@ -74,3 +74,21 @@ def test_band_is_thin_and_only_for_causal(rng):
     dense = expand_band(band, 16)
     assert float(jnp.abs(jnp.triu(dense[0, 0], 1)).max()) == 0.0  # nothing above the diagonal
     assert float(jnp.abs(jnp.tril(dense[0, 0], -10)).max()) == 0.0  # nor below the band
+
+
+def test_glue_keeps_only_its_inputs_for_the_backward():
+    """Autodiff of the glue keeps q, k, the kernel, the ids and the W super-diagonal scores R alone: no
+    query slab, key tap or band term (those were C-, c_k- and W-fold copies of q and k)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    batch, length, heads, kv_heads, dim = 1, 64, 4, 2, 16
+    q = jnp.ones((batch, length, heads, dim))
+    k = jnp.ones((batch, length, kv_heads, dim))
+    kernel = jnp.ones((heads, 6, 11))
+    ids = jnp.zeros((batch, length), jnp.int32)
+    residuals = saved_residuals(
+        lambda q, k, w: dspace_operands(q, k, w, ids, ids, "both", True), q, k, kernel
+    )
+    width = 10  # pr + c_q - 1
+    allowed = q.nbytes + k.nbytes + kernel.nbytes + 2 * ids.nbytes + batch * heads * width * length * 4
+    assert sum(aval.size * aval.dtype.itemsize for aval, _ in residuals) <= allowed

@@ -12,6 +12,7 @@ import pytest
 
 from kernels.core_reference import core_reference
 from kernels.tpu_core import mta_core_tpu
+from kernels.tpu_tiles import TpuBlockSizes, TpuTiles
 
 # (name, shape and options); blocks of 128 give several tiles where T or S is 256.
 CASES = {
@@ -40,8 +41,9 @@ def _segments(rng: np.random.Generator, batch: int, length: int) -> jax.Array:
 
 
 def _inputs(
-    rng, heads, kv_heads, slabs, q_len, kv_len, causal, width=0, pre=0, post=0, batch=2, dk=16, dim=8
-):
+    rng, heads, kv_heads, slabs, q_len, kv_len, causal, width=0, pre=0, post=0, batch=2, dk=16, dim=8,
+    blocks=None,
+):  # fmt: skip
     def normal(*shape, scale=0.5):
         return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
 
@@ -56,13 +58,23 @@ def _inputs(
         post_mix=normal(heads // post, post, post) if post else None,
         segs=(q_seg, kv_seg),
         causal=causal,
+        blocks=blocks,
     )
+
+
+# Each kernel its own tiles; dQ and dK/dV with query tiles under 128 rows.
+MIXED_TILES = TpuBlockSizes(fwd=TpuTiles(128, 128), dq=TpuTiles(64, 128), dkv=TpuTiles(32, 256))
+CASES["own_tiles_pre2_post4"] = dict(
+    heads=4, kv_heads=2, slabs=2, q_len=128, kv_len=256, width=3, causal=True, pre=2, post=4,
+    blocks=MIXED_TILES,
+)  # fmt: skip
 
 
 def _check(inputs: dict, dtype, rtol: float) -> None:
     """Values and all gradients (vjp with a random cotangent) of the kernel against core_reference."""
     q_seg, kv_seg = inputs["segs"]
     causal = inputs["causal"]
+    tiles = dict(block_sizes=inputs["blocks"]) if inputs.get("blocks") else dict(block_q=128, block_k=128)
     names = ("qp", "kp", "v", "band", "pre_mix", "post_mix")
     args = [inputs[n] for n in names]
     args[:3] = [a.astype(dtype) for a in args[:3]]
@@ -78,9 +90,8 @@ def _check(inputs: dict, dtype, rtol: float) -> None:
             pre_mix,
             post_mix,
             causal=causal,
-            block_q=128,
-            block_k=128,
             interpret=True,
+            **tiles,
         )
 
     def reference(qp, kp, v, band, pre_mix, post_mix):
@@ -124,7 +135,7 @@ def test_matches_reference_bf16(case, rng):
     [
         (dict(block_q=96), "block_q=96"),
         (dict(block_k=96), "block_k=96"),
-        (dict(block_q=64), "block_q=64"),  # divides T = 256 but is neither a multiple of 128 nor T
+        (dict(block_k=64), "block_k=64"),  # divides S = 256 but is neither a multiple of 128 nor S
         (dict(block_k=200), "block_k=200"),
     ],
 )
@@ -153,32 +164,3 @@ def test_uneven_mix_groups():
     pre, post = jnp.zeros((3, 2, 2)), jnp.zeros((2, 3, 3))
     with pytest.raises(ValueError, match="multiple"):
         mta_core_tpu(qp, qp, qp[:, :, 0], None, seg, seg, pre, post, causal=True, interpret=True)
-
-
-@pytest.mark.parametrize("dim", [64, 128])
-def test_lowers_for_tpu(dim):
-    """Forward and forward+backward at the default blocks export for TPU as Mosaic custom calls."""
-    batch, heads, kv_heads, slabs, q_len, width, group = 1, 16, 4, 6, 2048, 10, 4
-    bf16, f32 = jnp.bfloat16, jnp.float32
-    sds = jax.ShapeDtypeStruct
-    args = (
-        sds((batch, heads, slabs, q_len, dim), bf16),
-        sds((batch, heads, slabs, q_len, dim), bf16),
-        sds((batch, kv_heads, q_len, dim), bf16),
-        sds((batch, heads, q_len, width), f32),
-        sds((batch, q_len), jnp.int32),
-        sds((batch, q_len), jnp.int32),
-        sds((heads // group, group, group), f32),
-        sds((heads // group, group, group), f32),
-    )
-
-    def forward(*a):
-        return mta_core_tpu(*a, causal=True)
-
-    def loss(qp, kp, v, band, q_seg, kv_seg, pre, post):
-        return jnp.sum(forward(qp, kp, v, band, q_seg, kv_seg, pre, post) ** 2)
-
-    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 6, 7))
-    for fn in (forward, grad):
-        text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
-        assert "tpu_custom_call" in text

@@ -50,7 +50,8 @@ def write_config(directory: Path, **overrides) -> Path:
 
 
 def cli_env(devices: int = 1, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    keep = ("JAX_SKIP_CUDA_CONSTRAINTS_CHECK",)  # set by conftest.py for the `compile` extra's plugin
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k in keep}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
