@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import re
 import sys
@@ -34,13 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kernels import aot  # noqa: E402  (sets the plugins' environment before jax starts its backends)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench.attention import DPA, layer_config  # noqa: E402
-from kernels import roofline  # noqa: E402
+from kernels import aot, roofline  # noqa: E402  (aot sets the plugins' environment before any backend starts)
 from kernels.chips import CHIPS, get_chip  # noqa: E402
 from kernels.ops import default_block_sizes, unsupported_option  # noqa: E402
 from mta_jax.attention import multi_token_attention  # noqa: E402
@@ -132,9 +131,10 @@ def _tpu_kernels(lowered) -> list[dict]:
                         name = ir.StringAttr(inner.attributes["kernel_name"]).value
                         scoped = config.get("scoped_memory_configs") or [{}]
                         estimate = config["custom_call_config"].get("cost_estimate") or {}
-                        found.append({"name": name, "vmem_limit_bytes": scoped[0].get("size"), **{
-                            f"estimate_{k}": v for k, v in estimate.items() if k in ("flops", "bytes_accessed")
-                        }})  # fmt: skip
+                        kernel = {"name": name, "vmem_limit_bytes": scoped[0].get("size")}
+                        for k in ("flops", "bytes_accessed"):
+                            kernel[f"estimate_{k}"] = estimate.get(k)
+                        found.append(kernel)
                     walk(inner.operation)
 
     walk(lowered.compiler_ir("stablehlo").operation)
@@ -355,7 +355,7 @@ def readme_table(results: list[dict]) -> str:
         lines.append(
             f"**{data['target']}** ({chip['device_kind']}; compiled {data['date']} with "
             + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v)
-            + f"). Forward+backward, D=128, H=16, B=1, bf16, causal. Cells: compiled temp memory MiB / "
+            + "). Forward+backward, D=128, H=16, B=1, bf16, causal. Cells: compiled temp memory MiB / "
             "roofline estimate ms (an estimate, not a measurement); `x` = rejected by the compiler."
         )
         lines.append("")
@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             + " ".join(argv if argv is not None else sys.argv[1:]),
         }
         done = []
-        for layer, d, mode, seq, p in ((l, d, m, s, p) for l in args.layers for d in args.head_dims
-                                       for m in args.modes for s in args.lengths for p in args.paths):  # fmt: skip
+        grid = itertools.product(args.layers, args.head_dims, args.modes, args.lengths, args.paths)
+        for layer, d, mode, seq, p in grid:
             record = check_point(chip, device, Point(layer, p, d, seq, mode))
             done.append(record)
             _print(name, record)
@@ -448,7 +448,8 @@ def _print(target: str, r: dict) -> None:
         for k in r.get("kernels") or []:
             ptx = k.get("ptxas") or {}
             if "smem_bytes" in k:
-                extra += f" [{k['name']} smem {k['smem_bytes'] // 1024}K regs {ptx.get('registers')} spill {ptx.get('spill_store_bytes')}]"
+                regs, spill = ptx.get("registers"), ptx.get("spill_store_bytes")
+                extra += f" [{k['name']} smem {k['smem_bytes'] // 1024}K regs {regs} spill {spill}]"
             elif "vmem_limit_bytes" in k:
                 extra += f" [{k['name']} vmem {(k['vmem_limit_bytes'] or 0) // 2**20}M]"
         print(f"{head} ok, temp {gb(r['memory']['temp_bytes'])} MiB, estimate {est:.2f} ms, "

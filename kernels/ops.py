@@ -124,8 +124,9 @@ def pallas_attention_core(
     not known at trace time); interpret: run it in the Pallas interpreter (default: only on CPU).
     block_sizes: a TritonBlockSizes / TpuBlockSizes (default: from the chip's resource model);
     block_q / block_k override the tiles of every kernel. target: the platform (and device kind) to
-    compile for, when the caller knows it (implementation="auto" does). Both sequences are padded at the front to
-    whole tiles, which keeps the bottom-right causal alignment; padded keys belong to no document.
+    compile for, when the caller knows it (implementation="auto" does). Both sequences are padded at
+    the front to whole tiles, which keeps the bottom-right causal alignment; padded keys belong to no
+    document.
     """
     reason = unsupported_option(cfg, training_dropout=dropout_rng is not None, dtype=q.dtype)
     if reason:
