@@ -168,7 +168,7 @@ def _tiles(chip, point: Point, cfg) -> dict | None:
     return {name: dataclasses.asdict(getattr(blocks, name)) for name in ("fwd", "dq", "dkv")}
 
 
-def _model_cost(point: Point, cfg, tiles: dict | None, dpa_implementation: str | None) -> dict:
+def _model_cost(point: Point, cfg, tiles: dict | None, dpa_implementation: str | None, chip) -> dict:
     shape = roofline.Shape(BATCH, HEADS, HEADS, point.seq, point.seq, point.head_dim)
     if point.path == DPA:
         return roofline.dot_product_attention(shape, point.mode, fused=dpa_implementation == "cudnn")
@@ -180,7 +180,7 @@ def _model_cost(point: Point, cfg, tiles: dict | None, dpa_implementation: str |
     pairs = {name: (t["block_q"], t["block_k"]) for name, t in tiles.items()}
     slabs = (cfg.pre_conv or (1, 1))[0]
     chunks = {name: slabs // (t.get("slab_chunk") or slabs) for name, t in tiles.items()}
-    return roofline.pallas(layer, shape, point.mode, pairs, chunks)
+    return roofline.pallas(layer, shape, point.mode, pairs, chunks, cached=chip.platform == "cuda")
 
 
 def _xla_cost(compiled) -> dict | None:
@@ -237,7 +237,7 @@ def check_point(chip, device, point: Point) -> dict:
         record["dpa_implementation"] = choice
         break
     tiles = _tiles(chip, point, cfg) if point.path == "pallas" else None
-    model = _model_cost(point, cfg, tiles, record.get("dpa_implementation"))
+    model = _model_cost(point, cfg, tiles, record.get("dpa_implementation"), chip)
     record.update(
         accepted=True,
         compile_s=round(time.perf_counter() - start, 1),
@@ -384,6 +384,22 @@ def readme_table(results: list[dict]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def recost(path: Path) -> None:
+    """Recompute the analytical costs and roofline estimates of a results file in place (they need no
+    compiler: the point, the tiles it compiled with and the chip table)."""
+    data = load(path)
+    chip = get_chip(data["target"])
+    for record in data.get("points", []):
+        if not record.get("accepted"):
+            continue
+        point = Point(record["layer"], record["path"], record["head_dim"], record["seq"], record["mode"])
+        cfg = layer_config(point.layer, HEADS)
+        model = _model_cost(point, cfg, record.get("tiles"), record.get("dpa_implementation"), chip)
+        record["model_cost"] = model
+        record["roofline_estimate"] = roofline.estimate_seconds(model, chip.peak_flops, chip.hbm_bandwidth)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
 def write_readme(readme: Path, out: Path) -> None:
     results = [load(out / f"compile-{name}.json") for name in CHIPS]
     results = [r for r in results if r.get("points")]
@@ -402,8 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--readme", nargs="?", const=str(ROOT / "README.md"), help="only rewrite the table")
+    parser.add_argument("--recost", action="store_true", help="only recompute the estimates in the JSON")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    if args.recost:
+        for name in args.targets:
+            if (out / f"compile-{name}.json").exists():
+                recost(out / f"compile-{name}.json")
+        return 0
     if args.readme:
         write_readme(Path(args.readme), out)
         return 0

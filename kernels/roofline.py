@@ -106,9 +106,13 @@ def blockwise(layer: Layer, shape: Shape, mode: str, block_q: int = 512) -> dict
     return cost(flops, reads)
 
 
-def pallas(layer: Layer, shape: Shape, mode: str, tiles: dict, chunks: dict | None = None) -> dict:
+def pallas(
+    layer: Layer, shape: Shape, mode: str, tiles: dict, chunks: dict | None = None, cached: bool = False
+) -> dict:
     """tiles: kernel -> (block_q, block_k) for "fwd", "dq", "dkv"; chunks: kernel -> slab chunks (the
-    backward kernels recompute the score tiles once per chunk)."""
+    backward kernels recompute the score tiles once per chunk). cached: a GPU, whose L2 (50 MB on
+    H100 / H200) holds a head group's operands while its programs stream them, so every pass reads
+    them from HBM once; else a TPU, whose kernels DMA every streamed tile from HBM."""
     chunks = chunks or {}
     c_q, c_k = layer.pre_conv or (1, 1)
     d, isz = shape.head_dim, shape.itemsize
@@ -118,12 +122,16 @@ def pallas(layer: Layer, shape: Shape, mode: str, tiles: dict, chunks: dict | No
     heads = shape.batch * shape.heads
 
     def kernel(name: str, passes: float, per_pass_flops: float, once_flops: float) -> tuple[float, float]:
-        """FLOPs and streamed bytes of one kernel over all its (q tile, kv tile) pairs and heads."""
+        """FLOPs and HBM bytes of one kernel over all its (q tile, kv tile) pairs and heads."""
         bq, bk = tiles[name]
         n = _pairs(shape, bq, bk) * heads
+        flops = n * bq * bk * (passes * (per_pass_flops + vector) + once_flops)
+        if cached:  # qp, kp, v (and dout in the backward) once a pass
+            unique = heads * (wide * (shape.q_len + shape.kv_len) + d * shape.kv_len)
+            unique += heads * d * shape.q_len if name != "fwd" else 0
+            return flops, passes * unique * isz
         own, other = (bq, bk) if name != "dkv" else (bk, bq)
         per_pass = other * (wide + d) + (wide * own if c_q > 1 else 0) + (bq * d if name != "fwd" else 0)
-        flops = n * bq * bk * (passes * (per_pass_flops + vector) + once_flops)
         return flops, n * passes * per_pass * isz
 
     fwd_passes = 2 if post else 1  # with post-softmax mixing: an lse pass, then P V
