@@ -347,9 +347,44 @@ def gb(n) -> str:
     return "-" if n is None else f"{n / 2**20:.0f}"
 
 
+def kernel_summary(results: list[dict]) -> list[str]:
+    """Markdown rows: per target, the fused kernels the compiler accepted and their largest resources."""
+    lines = [
+        "Fused kernels at their default tiles (every layer, D, T and mode compiled for the target): "
+        "accepted / compiled points; on GPU the largest shared memory of one kernel (XLA's Triton), "
+        "registers and spill stores (ptxas -v), on TPU the largest VMEM limit a kernel asked for.",
+        "",
+        "| target | pallas points accepted | kernels | largest smem / VMEM limit | max registers | "
+        "max spill stores (kernel) | kernels with serialized wgmma |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for data in results:
+        points = [p for p in data["points"] if p["path"] == "pallas" and not p.get("skipped")]
+        accepted = [p for p in points if p.get("accepted")]
+        kernels = [k for p in accepted for k in p.get("kernels") or []]
+        memory = max((k.get("smem_bytes") or k.get("vmem_limit_bytes") or 0 for k in kernels), default=0)
+        ptxas = [(k["ptxas"], k["name"], p) for p in accepted for k in p.get("kernels") or [] if k.get("ptxas")]
+        regs = max((r["registers"] or 0 for r, _, _ in ptxas), default=None)
+        spill, where = 0, ""
+        for r, name, p in ptxas:
+            if (r.get("spill_store_bytes") or 0) > spill:
+                spill = r["spill_store_bytes"]
+                where = f" ({name.removeprefix('mta_core_')}, {p['layer']} D={p['head_dim']})"
+        serial = sum(bool(r.get("wgmma_serialized")) for r, _, _ in ptxas)
+        unit = "KiB" if data["chip"]["platform"] == "cuda" else "MiB"
+        size = memory / (2**10 if unit == "KiB" else 2**20)
+        lines.append(
+            f"| {data['target']} | {len(accepted)} / {len(points)} | {len(kernels)} | {size:.0f} {unit} | "
+            f"{'-' if regs is None else regs} | {'-' if regs is None else f'{spill} B{where}'} | "
+            f"{'-' if regs is None else f'{serial} / {len(ptxas)}'} |"
+        )
+    return lines + [""]
+
+
 def readme_table(results: list[dict]) -> str:
-    """Markdown: per target, temp memory (MiB) and roofline ESTIMATE (ms) per path at D=128, fwd+bwd."""
-    lines = []
+    """Markdown: the kernel summary, then per target temp memory (MiB) and roofline ESTIMATE (ms) per
+    path at D=128, fwd+bwd."""
+    lines = kernel_summary(results)
     for data in results:
         chip = data["chip"]
         lines.append(

@@ -169,10 +169,13 @@ def ptxas_report(ptx: str, arch: str = "sm_90a") -> dict | None:
         match = re.search(pattern, text)
         return int(match.group(1)) if match else 0
 
+    # ptxas warns when Hopper's asynchronous warpgroup MMAs cannot overlap (a speed cost, not an error)
+    reason = re.search(r"wgmma\.mma_async instructions are serialized due to ([^\n]*)", text)
     return {
         "registers": number(r"Used (\d+) registers"),
         "spill_store_bytes": number(r"(\d+) bytes spill stores"),
         "spill_load_bytes": number(r"(\d+) bytes spill loads"),
         "stack_frame_bytes": number(r"(\d+) bytes stack frame"),
         "wgmma_serialized": "wgmma.mma_async instructions are serialized" in text,
+        "wgmma_serialized_reason": (reason.group(1).strip() if reason else None),
     }

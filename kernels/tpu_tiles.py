@@ -6,7 +6,7 @@ accumulators (float32: the online-softmax state, dq [G, C, bq, Dk], dk and dv) a
 score tiles of the head group. `vmem_bytes` adds these up with Mosaic's (8, 128) padding. A kernel fits
 when twice the estimate (Mosaic's own temporaries, register spills) stays within 7/8 of the chip's
 VMEM, the vmem_limit_bytes the kernels ask for (tpu_common.vmem_limit). `default_block_sizes` takes
-the largest tiles that fit, per kernel; `python -m kernels.compile_check` confirms them with libtpu.
+the largest tiles that fit, per kernel; `python -m bench.compile_check` confirms them with libtpu.
 """
 
 from __future__ import annotations
