@@ -363,7 +363,8 @@ def kernel_summary(results: list[dict]) -> list[str]:
         accepted = [p for p in points if p.get("accepted")]
         kernels = [k for p in accepted for k in p.get("kernels") or []]
         memory = max((k.get("smem_bytes") or k.get("vmem_limit_bytes") or 0 for k in kernels), default=0)
-        ptxas = [(k["ptxas"], k["name"], p) for p in accepted for k in p.get("kernels") or [] if k.get("ptxas")]
+        ptxas = [(k.get("ptxas"), k["name"], p) for p in accepted for k in p.get("kernels") or []]
+        ptxas = [entry for entry in ptxas if entry[0]]
         regs = max((r["registers"] or 0 for r, _, _ in ptxas), default=None)
         spill, where = 0, ""
         for r, name, p in ptxas:
