@@ -188,3 +188,9 @@ def test_estimate_is_the_binding_bound():
 def test_main_recost_touches_only_existing_files(tmp_path):
     assert compile_check.main(["--targets", "v4", "h100", "--recost", "--out", str(tmp_path)]) == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_kernel_summary_of_a_tpu_target_shows_the_vmem_limit():
+    kernels = [{"name": "mta_core_fwd", "vmem_limit_bytes": 64 * MIB, "estimate_flops": 1.0}]
+    row = [line for line in kernel_summary([_data([_point(kernels=kernels)], target="v5e")]) if "v5e" in line]
+    assert row == ["| v5e | 1 / 1 | 1 | 64 MiB | - | - | - |"]
