@@ -25,7 +25,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mta_jax.params import key_padding
 
@@ -271,36 +270,41 @@ def _band_masks(q_segment_ids, kv_segment_ids, c_q: int, c_k: int, pad_left: int
     return rows_ok, keys_ok
 
 
-def _band_index(u: int, c_k: int, pad_left: int, width: int):
-    """(index [c_k * W], valid [c_k, W]): for tap c and diagonal delta, the row e - 1 of R that
-    shift u reads (e = c + u - pl - delta), and whether 1 <= e <= W."""
-    c = np.arange(c_k)[:, None]
-    e = c + u - pad_left - np.arange(width)[None, :]
-    valid = (e >= 1) & (e <= width)
-    return np.clip(e - 1, 0, width - 1).reshape(-1), valid
+def _shift_last(x: jax.Array, shift, bound: int) -> jax.Array:
+    """y[..., t] = x[..., t - shift] for a traced shift with |shift| <= bound (zeros outside)."""
+    pad = [(0, 0)] * (x.ndim - 1) + [(bound, bound)]
+    return jax.lax.dynamic_slice_in_dim(jnp.pad(x, pad), bound - shift, x.shape[-1], axis=x.ndim - 1)
 
 
-def _gathered(r_t, u: int, c_k: int, pad_left: int):
-    """[B, H, c_k, W, T]: R[c + u - pl - delta - 1, i - u] for every (c, delta), 0 where invalid."""
-    batch, heads, width, q_len = r_t.shape
-    index, valid = _band_index(u, c_k, pad_left, width)
-    rows = jnp.take(_shift_rows(r_t, u, axis=3), index, axis=2).reshape(batch, heads, c_k, width, q_len)
-    return jnp.where(valid[None, None, :, :, None], rows, 0)
+def _pair_terms(r_t, rows_ok, keys_ok, u, c, pad_left: int):
+    """(terms, mask) of one (shift u, tap c) pair, both [B, H, W, T] (traced u and c):
+    terms[delta, i] = R[e - 1, i - u] with e = c + u - pl - delta, 0 unless 1 <= e <= W."""
+    width = r_t.shape[2]
+    e = c + u - pad_left - jnp.arange(width)
+    rows = jnp.take(_shift_last(r_t, u, rows_ok.shape[0]), jnp.clip(e - 1, 0, width - 1), axis=2)
+    terms = jnp.where(((e >= 1) & (e <= width))[None, None, :, None], rows, 0)
+    keys = jax.lax.dynamic_index_in_dim(keys_ok, c, axis=1, keepdims=False)  # [B, W, T]
+    rows_here = jax.lax.dynamic_index_in_dim(rows_ok, u, axis=0, keepdims=False)  # [B, T]
+    return terms, (keys & rows_here[:, None, :])[:, None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _band_from_diagonals(r_t, kernel, q_segment_ids, kv_segment_ids, pad_left: int):
-    """band_t [B, H, W, T] from R [B, H, W, T] (see band_correction): one fused pass per query shift u,
-    and a VJP that keeps R alone (autodiff would keep every gathered term)."""
+    """band_t [B, H, W, T] from R [B, H, W, T] (see band_correction): a loop over the c_q x c_k
+    (shift, tap) pairs that keeps one [B, H, W, T] term live (vectorising over the taps kept
+    c_k x W x T floats per head, several times over, and dominated the glue's memory), and a VJP
+    that keeps R alone."""
     num_heads, c_q, c_k = kernel.shape
     flipped = kernel[:, ::-1, :].astype(r_t.dtype)  # Wt[h, u, c]
     rows_ok, keys_ok = _band_masks(q_segment_ids, kv_segment_ids, c_q, c_k, pad_left, r_t.shape[2])
-    band = jnp.zeros(r_t.shape, r_t.dtype)
-    for u in range(c_q):
-        terms = jnp.where(keys_ok[:, None], _gathered(r_t, u, c_k, pad_left), 0)  # [B, H, c_k, W, T]
-        summed = jnp.einsum("bhcdi,hc->bhdi", terms, flipped[:, u])
-        band = band + jnp.where(rows_ok[u][:, None, None, :], summed, 0)
-    return band
+
+    def pair_step(p, band):
+        u, c = p // c_k, p % c_k
+        terms, mask = _pair_terms(r_t, rows_ok, keys_ok, u, c, pad_left)
+        weight = flipped[:, u, c][None, :, None, None]
+        return band + jnp.where(mask, terms * weight, 0)
+
+    return jax.lax.fori_loop(0, c_q * c_k, pair_step, jnp.zeros(r_t.shape, r_t.dtype))
 
 
 def _band_fwd(r_t, kernel, q_segment_ids, kv_segment_ids, pad_left):
@@ -311,25 +315,26 @@ def _band_fwd(r_t, kernel, q_segment_ids, kv_segment_ids, pad_left):
 def _band_bwd(pad_left, res, dband):
     r_t, kernel, q_segment_ids, kv_segment_ids = res
     num_heads, c_q, c_k = kernel.shape
-    batch, _, width, q_len = r_t.shape
+    width = r_t.shape[2]
     flipped = kernel[:, ::-1, :].astype(r_t.dtype)
     rows_ok, keys_ok = _band_masks(q_segment_ids, kv_segment_ids, c_q, c_k, pad_left, width)
-    dr = jnp.zeros(r_t.shape, r_t.dtype)
-    dflipped = []
-    for u in range(c_q):
-        g = jnp.where(rows_ok[u][:, None, None, :], dband, 0)[:, :, None]  # [B, H, 1, W, T]
-        g = jnp.where(keys_ok[:, None], g, 0)  # [B, H, c_k, W, T]
-        dflipped.append(jnp.einsum("bhcdi,bhcdi->hc", g, _gathered(r_t, u, c_k, pad_left)))
-        index, valid = _band_index(u, c_k, pad_left, width)
-        weighted = jnp.where(valid[None, None, :, :, None], g * flipped[None, :, u, :, None, None], 0)
-        back = (
-            jnp.zeros(r_t.shape, r_t.dtype)
-            .at[:, :, index]
-            .add(weighted.reshape(batch, -1, c_k * width, q_len))
-        )
-        dr = dr + _shift_rows(back, -u, axis=3)
-    dkernel = jnp.stack(dflipped, axis=1)[:, ::-1, :]
-    return dr, dkernel.astype(kernel.dtype), None, None
+
+    def pair_step(p, carry):
+        dr, dflipped = carry
+        u, c = p // c_k, p % c_k
+        terms, mask = _pair_terms(r_t, rows_ok, keys_ok, u, c, pad_left)
+        g = jnp.where(mask, dband, 0)  # [B, H, W, T]
+        dflipped = dflipped.at[:, u, c].set(jnp.einsum("bhdi,bhdi->h", g, terms))
+        # row r of the shifted R fed diagonal delta = c + u - pl - 1 - r (one delta per row)
+        delta = c + u - pad_left - 1 - jnp.arange(width)
+        back = jnp.take(g, jnp.clip(delta, 0, width - 1), axis=2)
+        back = jnp.where(((delta >= 0) & (delta < width))[None, None, :, None], back, 0)
+        back = back * flipped[:, u, c][None, :, None, None]
+        return dr + _shift_last(back, -u, c_q), dflipped
+
+    init = (jnp.zeros(r_t.shape, r_t.dtype), jnp.zeros(flipped.shape, r_t.dtype))
+    dr, dflipped = jax.lax.fori_loop(0, c_q * c_k, pair_step, init)
+    return dr, dflipped[:, ::-1, :].astype(kernel.dtype), None, None
 
 
 _band_from_diagonals.defvjp(_band_fwd, _band_bwd)
