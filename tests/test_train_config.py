@@ -11,7 +11,13 @@ import yaml
 from tests.train_helpers import ROOT, TINY, write_config
 from train import data as data_lib
 from train.__main__ import main
-from train.config import TrainConfig, dump, load_train_config, train_config_from_dict
+from train.config import (
+    TrainConfig,
+    check_resumable,
+    dump,
+    load_train_config,
+    train_config_from_dict,
+)
 
 CONFIGS = sorted((ROOT / "configs" / "train").glob("*.yaml"))
 
@@ -115,3 +121,19 @@ def test_cli_prints_the_resolved_config_and_rejects_bad_ones(tmp_path, capsys):
     assert main(["--config", str(path), "optimizer.warmup=3"]) == 2
     assert "allowed keys are" in capsys.readouterr().err
     assert not Path(tmp_path / "run").exists()  # nothing was started
+
+
+def test_resuming_refuses_another_model_and_allows_other_changes(tmp_path):
+    run_dir = tmp_path / "run"
+    saved = load_train_config(write_config(tmp_path))
+    (run_dir / "checkpoints" / "2").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump(saved))
+    again = ["steps=3000", "model.attention_implementation=reference", "model.dtype=bfloat16"]
+    check_resumable(load_train_config(tmp_path / "train.yaml", again), run_dir)
+    changed = load_train_config(tmp_path / "train.yaml", ["model.mta.pre_conv=[2, 5]"])
+    with pytest.raises(ValueError, match=r"model.mta.pre_conv: saved \[2, 3\], requested \[2, 5\]"):
+        check_resumable(changed, run_dir)
+    with pytest.raises(ValueError, match="model.mta: saved {.*}, requested None"):
+        check_resumable(load_train_config(tmp_path / "train.yaml", ["model.mta=null"]), run_dir)
+    (run_dir / "checkpoints" / "2").rmdir()  # no checkpoint yet: a new model starts afresh
+    check_resumable(load_train_config(tmp_path / "train.yaml", ["model.mta=null"]), run_dir)

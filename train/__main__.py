@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from train.config import dump, load_train_config
+from train.config import check_resumable, dump, load_train_config
 
 
 def _log_to_stderr() -> None:
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     try:
         cfg = load_train_config(args.config, args.overrides)
+        check_resumable(cfg, cfg.run_dir)  # train() checks again; here it stops before jax starts
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -199,3 +199,47 @@ def to_dict(cfg: Any) -> Any:
 
 def dump(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# Model fields that change how the model is computed, not its parameters: a resumed run may change them.
+RESUMABLE_MODEL_FIELDS = ("attention_implementation", "attention_block_q", "attention_block_k", "dtype")
+
+
+def model_differences(saved: ModelConfig, requested: ModelConfig) -> list[str]:
+    """"model.field: saved A, requested B" for each field (leaf of a nested section) that differs,
+    leaving out RESUMABLE_MODEL_FIELDS."""
+    old, new = to_dict(saved), to_dict(requested)
+    for name in RESUMABLE_MODEL_FIELDS:
+        old.pop(name, None), new.pop(name, None)
+    return _differences(old, new, "model")
+
+
+def _differences(old: Any, new: Any, where: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            line
+            for key in list(old) + [k for k in new if k not in old]
+            for line in _differences(old.get(key), new.get(key), f"{where}.{key}")
+        ]
+    return [] if old == new else [f"{where}: saved {old!r}, requested {new!r}"]
+
+
+def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> None:
+    """Raises ValueError if run_dir has checkpoints of another model than cfg.model (see its config.yaml)."""
+    run_dir = Path(run_dir)
+    saved_path = run_dir / "config.yaml"
+    checkpoints = run_dir / "checkpoints"
+    if not saved_path.is_file() or not any(p.name.isdigit() for p in checkpoints.glob("*")):
+        return
+    try:
+        saved = load_train_config(saved_path)
+    except ValueError as error:
+        raise ValueError(f"{saved_path} is invalid: {error}; use a new run_dir") from None
+    changes = model_differences(saved.model, cfg.model)
+    if changes:
+        raise ValueError(
+            f"run_dir={str(run_dir)!r} is invalid: its checkpoints are of another model than requested:\n  "
+            + "\n  ".join(changes)
+            + "\nNothing was written there. Use a new run_dir; init_from="
+            + f"{str(run_dir)!r} starts it from these parameters where their shapes fit the new model."
+        )

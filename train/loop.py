@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from train import data as data_lib
 from train import flops as flops_lib
 from train.checkpoint import Checkpointer
-from train.config import TrainConfig, dump
+from train.config import TrainConfig, check_resumable, dump
 from train.distributed import initialize
 from train.mesh import batch_sharding, make_mesh, replicated, sharding_context
 from train.metrics import MetricsLogger
@@ -122,9 +122,10 @@ def _evaluate(evaluate, params, batches, sharding, *, toy: bool) -> dict[str, fl
 
 
 def train(cfg: TrainConfig) -> RunResult:
+    run_dir = Path(cfg.run_dir)
+    check_resumable(cfg, run_dir)  # before anything is written: a refused run leaves run_dir as it was
     initialize(cfg.distributed)
     primary = jax.process_index() == 0
-    run_dir = Path(cfg.run_dir)
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump(cfg))
