@@ -65,6 +65,17 @@ def test_sigterm_saves_and_exits_cleanly_then_the_run_resumes(tmp_path):
     assert f"finished at step {stopped + 2}" in out
 
 
+def test_ctrl_c_saves_the_step_and_exits_cleanly(tmp_path):
+    proc = cli(write_config(tmp_path), "steps=100000", "checkpoint.every=1000")
+    _wait_for_step(tmp_path / "run", 3, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGINT received: saving a checkpoint" in out and "Traceback" not in out, out
+    stopped = int(re.search(r"preempted at step (\d+)", out).group(1))
+    assert stopped >= 3 and _checkpoints(tmp_path / "run") == [stopped]
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     code, out = run_cli(write_config(tmp_path))
     assert code == 0, out
