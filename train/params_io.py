@@ -30,6 +30,7 @@ from mta_jax.config import ModelConfig, model_config_from_dict
 from mta_jax.model import MTATransformer
 
 PyTree = Any
+log = logging.getLogger(__name__)
 MODEL_FILE = "model.yaml"
 PARAMS_DIR = "params"
 
@@ -51,7 +52,8 @@ def save_params(directory: str | os.PathLike, cfg: ModelConfig, params: PyTree, 
 def load_params(path: str | os.PathLike, *, step: int | None = None) -> tuple[ModelConfig, PyTree]:
     """(ModelConfig, params) from a parameter directory or a training run directory.
 
-    step: which checkpoint of a run (default: the newest); not allowed for a parameter directory.
+    step: which checkpoint of a run (default: the newest readable one; an unreadable newer one is skipped
+    with a warning); not allowed for a parameter directory.
     Parameters come back as numpy-backed jax arrays on the default device, in their saved dtype.
     """
     path = Path(path).absolute()
@@ -67,10 +69,14 @@ def load_params(path: str | os.PathLike, *, step: int | None = None) -> tuple[Mo
         if not steps:
             raise ValueError(f"checkpoint={str(path)!r} is invalid: the run has no saved checkpoint")
         if step is None:
-            step = steps[-1]
-        elif step not in steps:
+            return cfg, _restore_newest_readable(checkpoints, steps, cfg)
+        if step not in steps:
             raise ValueError(f"step={step} is invalid: {path} has checkpoints of steps {steps}")
-        return cfg, _restore(checkpoints / str(step) / "state", cfg, key="params")
+        try:
+            return cfg, _restore(checkpoints / str(step) / "state", cfg, key="params")
+        except Exception as error:  # corrupt, truncated or missing files all surface differently
+            reason = _short(error)
+            raise ValueError(f"step={step} is invalid: its checkpoint cannot be read ({reason})") from None
     raise ValueError(
         f"checkpoint={str(path)!r} is invalid: neither a parameter directory (with {MODEL_FILE}) nor a "
         "run directory (with config.yaml and checkpoints/)"
@@ -134,12 +140,43 @@ def _name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+def _restore_newest_readable(checkpoints: Path, steps: list[int], cfg: ModelConfig) -> PyTree:
+    """The params of the newest of `steps` that restores; ValueError naming every step tried if none does."""
+    failures = []
+    for step in sorted(steps, reverse=True):
+        try:
+            params = _restore(checkpoints / str(step) / "state", cfg, key="params")
+        except Exception as error:  # corrupt, truncated or missing files all surface differently
+            failures.append(f"step {step}: {_short(error)}")
+            continue
+        if failures:
+            log.warning(
+                "skipped unreadable checkpoint(s) of %s (%s); using step %d",
+                checkpoints,
+                "; ".join(failures),
+                step,
+            )
+        return params
+    raise ValueError(f"no checkpoint in {checkpoints} could be read: {'; '.join(failures)}")
+
+
+def _short(error: Exception, limit: int = 160) -> str:
+    """The error's type and the first line of its message, cut to `limit` characters."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _restore(directory: Path, cfg: ModelConfig, key: str | None = None) -> PyTree:
     """The params subtree of the Orbax pytree in `directory` (only `key` of it when given)."""
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params(cfg))
     with _quiet_item_metadata():
         metadata = ocp.PyTreeCheckpointer().metadata(directory)
-    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
+    if hasattr(metadata, "item_metadata"):
+        metadata = metadata.item_metadata
+    if metadata is None:
+        raise ValueError(f"{directory} has no readable parameter metadata")
+    tree = metadata.tree
     saved = _flat(tree[key] if key is not None else tree)
     check_params(cfg, saved, flat=True)
     paths, treedef = jax.tree_util.tree_flatten_with_path(target)
@@ -158,10 +195,12 @@ def _restore(directory: Path, cfg: ModelConfig, key: str | None = None) -> PyTre
 
 class _NoItemMetadataWarning(logging.Filter):
     """Drops Orbax's warning that an item directory (a run's checkpoints/<step>/state) has no
-    _CHECKPOINT_METADATA: that file sits one level up, at the step, and the item reads fine."""
+    _CHECKPOINT_METADATA: that file sits one level up, at the step, and the item reads fine; and its
+    warning of unreadable item metadata, which _restore turns into an error."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Metadata file does not exist" not in record.getMessage()
+        message = record.getMessage()
+        return "Metadata file does not exist" not in message and "Failed to get item metadata" not in message
 
 
 @contextlib.contextmanager
