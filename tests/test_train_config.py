@@ -3,12 +3,14 @@ keys or values fail with a message that names them and what is allowed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.train_helpers import ROOT, TINY, write_config
+from tests.train_helpers import ROOT, TINY, cli_env, write_config
 from train import data as data_lib
 from train.__main__ import main
 from train.config import (
@@ -137,3 +139,23 @@ def test_resuming_refuses_another_model_and_allows_other_changes(tmp_path):
         check_resumable(load_train_config(tmp_path / "train.yaml", ["model.mta=null"]), run_dir)
     (run_dir / "checkpoints" / "2").rmdir()  # no checkpoint yet: a new model starts afresh
     check_resumable(load_train_config(tmp_path / "train.yaml", ["model.mta=null"]), run_dir)
+
+
+def test_malformed_yaml_is_named_by_file_and_line_without_a_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("steps: 3\nmodel: {dim: 32\nrun_dir: x\n")  # the flow mapping is never closed
+    with pytest.raises(ValueError, match=r"config='.*bad.yaml' is invalid: malformed YAML at line 3"):
+        load_train_config(path)
+    model = tmp_path / "model.yaml"
+    model.write_text("dim: 32\n  heads: [4\n")
+    with pytest.raises(ValueError, match=r"model='.*model.yaml' is invalid: malformed YAML at line 2"):
+        load_train_config(write_config(tmp_path, model=str(model)))
+    command = [sys.executable, "-m", "train", "--config", str(path), "--print-config"]
+    proc = subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: config=" in proc.stderr and "malformed YAML at line 3" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "YAML" in line] == [
+        f"error: config={str(path)!r} is invalid: malformed YAML at line 3, column 8: expected ',' or '}}', "
+        "but got ':'"
+    ]

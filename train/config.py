@@ -121,11 +121,22 @@ def _model_mapping(value: Any, base_dir: Path) -> dict:
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             raise ValueError(f"model={value!r} is invalid: no such file (looked in {base_dir} and .)")
-        with open(path) as f:
-            value = yaml.safe_load(f)
+        value = _read_yaml(path, "model")
     if not isinstance(value, Mapping):
         raise ValueError(f"model={value!r} is invalid: must be a mapping of ModelConfig fields or a path")
     return dict(value)
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in `path`; malformed YAML is a ValueError naming the file and line."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{what}={str(path)!r} is invalid: malformed YAML{where}: {problem}") from None
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
@@ -179,8 +190,7 @@ def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainC
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config={str(path)!r} is invalid: no such file")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = _read_yaml(path, "config") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config={str(path)!r} is invalid: the file must hold a mapping")
     if "model" in raw:
