@@ -31,6 +31,12 @@ from mta_jax.model import MTATransformer
 
 PyTree = Any
 log = logging.getLogger(__name__)
+
+
+class UnreadableCheckpointError(ValueError):
+    """Orbax could not read a saved parameter tree (corrupt, truncated or missing files)."""
+
+
 MODEL_FILE = "model.yaml"
 PARAMS_DIR = "params"
 
@@ -61,7 +67,10 @@ def load_params(path: str | os.PathLike, *, step: int | None = None) -> tuple[Mo
         if step is not None:
             raise ValueError(f"step={step} is invalid: {path} is a parameter directory with one step")
         cfg = _read_model(path / MODEL_FILE)
-        return cfg, _restore(path / PARAMS_DIR, cfg)
+        try:
+            return cfg, _restore(path / PARAMS_DIR, cfg)
+        except UnreadableCheckpointError as error:
+            raise ValueError(f"checkpoint={str(path)!r} is invalid: {error}") from None
     if (path / "config.yaml").is_file():
         cfg = _read_model(path / "config.yaml", key="model")
         checkpoints = path / "checkpoints"
@@ -74,9 +83,8 @@ def load_params(path: str | os.PathLike, *, step: int | None = None) -> tuple[Mo
             raise ValueError(f"step={step} is invalid: {path} has checkpoints of steps {steps}")
         try:
             return cfg, _restore(checkpoints / str(step) / "state", cfg, key="params")
-        except Exception as error:  # corrupt, truncated or missing files all surface differently
-            reason = _short(error)
-            raise ValueError(f"step={step} is invalid: its checkpoint cannot be read ({reason})") from None
+        except UnreadableCheckpointError as error:
+            raise ValueError(f"step={step} is invalid: {error}") from None
     raise ValueError(
         f"checkpoint={str(path)!r} is invalid: neither a parameter directory (with {MODEL_FILE}) nor a "
         "run directory (with config.yaml and checkpoints/)"
@@ -146,8 +154,8 @@ def _restore_newest_readable(checkpoints: Path, steps: list[int], cfg: ModelConf
     for step in sorted(steps, reverse=True):
         try:
             params = _restore(checkpoints / str(step) / "state", cfg, key="params")
-        except Exception as error:  # corrupt, truncated or missing files all surface differently
-            failures.append(f"step {step}: {_short(error)}")
+        except UnreadableCheckpointError as error:
+            failures.append(f"step {step}: {error}")
             continue
         if failures:
             log.warning(
@@ -168,14 +176,18 @@ def _short(error: Exception, limit: int = 160) -> str:
 
 
 def _restore(directory: Path, cfg: ModelConfig, key: str | None = None) -> PyTree:
-    """The params subtree of the Orbax pytree in `directory` (only `key` of it when given)."""
+    """The params subtree of the Orbax pytree in `directory` (only `key` of it when given). Raises
+    UnreadableCheckpointError for files Orbax cannot read, ValueError for parameters that do not fit cfg."""
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params(cfg))
-    with _quiet_item_metadata():
-        metadata = ocp.PyTreeCheckpointer().metadata(directory)
+    try:
+        with _quiet_item_metadata():
+            metadata = ocp.PyTreeCheckpointer().metadata(directory)
+    except Exception as error:  # corrupt, truncated or missing files all surface differently
+        raise UnreadableCheckpointError(f"its parameters cannot be read ({_short(error)})") from None
     if hasattr(metadata, "item_metadata"):
         metadata = metadata.item_metadata
     if metadata is None:
-        raise ValueError(f"{directory} has no readable parameter metadata")
+        raise UnreadableCheckpointError("its parameters cannot be read (no readable metadata)")
     tree = metadata.tree
     saved = _flat(tree[key] if key is not None else tree)
     check_params(cfg, saved, flat=True)
@@ -185,11 +197,14 @@ def _restore(directory: Path, cfg: ModelConfig, key: str | None = None) -> PyTre
     )
     item = {key: target} if key is not None else target
     restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=_one_device()), item)
-    with _quiet_item_metadata(), ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(
-            directory,
-            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-        )
+    try:
+        with _quiet_item_metadata(), ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(
+                directory,
+                args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+            )
+    except Exception as error:  # corrupt, truncated or missing files all surface differently
+        raise UnreadableCheckpointError(f"its parameters cannot be read ({_short(error)})") from None
     return restored[key] if key is not None else restored
 
 
