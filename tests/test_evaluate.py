@@ -394,7 +394,7 @@ def _corrupt(step_dir) -> None:
             path.write_bytes(b"garbage")
 
 
-def test_commands_skip_a_corrupt_newest_checkpoint_and_name_it(tmp_path, capsys, caplog):
+def test_commands_skip_a_corrupt_newest_checkpoint_and_name_it(tmp_path, capsys, caplog, monkeypatch):
     from train import generate as gen
 
     run = fake_run_dir(tmp_path / "run", NEEDLE_RUN)
@@ -406,6 +406,7 @@ def test_commands_skip_a_corrupt_newest_checkpoint_and_name_it(tmp_path, capsys,
     needles += ["--needles", "2"]
     generate = ["--checkpoint", str(run), "--prompt", "a", "--tokenizer", "toy", "--max-new-tokens", "2"]
     logger = logging.getLogger("train.params_io")  # its parent "train" may not propagate (train CLI)
+    monkeypatch.setattr(logger, "propagate", False)  # so each record reaches caplog once, here
     logger.addHandler(caplog.handler)
     try:
         for command in (lambda: ev.main([*needles, "--samples", "1"]), lambda: gen.main(generate)):
