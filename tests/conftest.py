@@ -1,4 +1,5 @@
-"""Shared test set-up: fresh random seeds (reproducible with MTA_TEST_SEED) and the slow marker."""
+"""Shared test set-up: fresh random seeds, one per session shared by xdist workers (reproducible with
+MTA_TEST_SEED, printed in the header and the summary), and the slow marker."""
 
 import os
 import secrets
@@ -12,15 +13,50 @@ import pytest
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
-BASE_SEED = int(os.environ.get("MTA_TEST_SEED", secrets.randbelow(2**31)))
+SEED_KEY = "mta_test_seed"
+BASE_SEED: int | None = None  # one per test session: drawn by the controller, sent to xdist workers
+
+
+def _session_seed(config) -> int:
+    """The worker's seed from the controller; on the controller MTA_TEST_SEED, else a fresh one."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and SEED_KEY in workerinput:
+        return int(workerinput[SEED_KEY])
+    text = os.environ.get("MTA_TEST_SEED")
+    if text is None:
+        return secrets.randbelow(2**31)
+    try:
+        return int(text)
+    except ValueError:
+        raise pytest.UsageError(f"MTA_TEST_SEED={text!r} is invalid: must be an integer") from None
 
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 
 
-def pytest_report_header(config):
+def pytest_configure(config):
+    global BASE_SEED
+    BASE_SEED = _session_seed(config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """(pytest-xdist, on the controller) every worker gets the session's seed."""
+    node.workerinput[SEED_KEY] = BASE_SEED
+
+
+def _seed_line() -> str:
     return f"MTA_TEST_SEED={BASE_SEED} (set it to replay these random inputs)"
+
+
+def pytest_report_header(config):
+    return _seed_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The seed at the end too, where -q shows it."""
+    terminalreporter.write_line(_seed_line())
 
 
 def pytest_collection_modifyitems(config, items):

@@ -251,3 +251,22 @@ def test_cli_reports_bad_requests(tmp_path, rng, capsys):
         == 2
     )
     assert "has no config.json" in capsys.readouterr().err
+
+
+def test_export_refuses_a_non_empty_directory_and_its_own_input(tmp_path, rng, capsys):
+    save_params(tmp_path / "baseline", BASE, random_params(BASE, rng))
+    source, hf = str(tmp_path / "baseline"), tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")  # e.g. the Hugging Face model it came from
+    export = ["export-llama", "--from", source, "--to", str(hf)]
+    assert convert_main(export) == 2
+    assert "the directory is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (hf / "config.json").read_text() == "{}" and not (hf / "model.safetensors").exists()
+    assert convert_main([*export, "--overwrite"]) == 0
+    assert load_llama(hf)[0].dim == BASE.dim
+
+    before = {p: p.read_bytes() for p in (tmp_path / "baseline").rglob("*") if p.is_file()}
+    own = ["export-llama", "--from", source, "--to", source + "/.", "--overwrite"]
+    assert convert_main(own) == 2
+    assert "it is the input directory (--from)" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (tmp_path / "baseline").rglob("*") if p.is_file()} == before

@@ -4,6 +4,7 @@ and LAMBADA rules, the needle harness, and every CLI command end to end on tiny 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 
@@ -384,6 +385,46 @@ def test_needles_cli_on_a_synthetic_run(tmp_path, capsys):
     text = str(DATA / "heldout_tiny.txt")
     assert ev.main(["perplexity", "--checkpoint", str(run), "--text", text]) == 2
     assert "data.kind='needles', not text" in capsys.readouterr().err
+
+
+def _corrupt(step_dir) -> None:
+    """Overwrites every file of a checkpoint's state (as a torn write or bad disk might leave it)."""
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+
+
+def test_commands_skip_a_corrupt_newest_checkpoint_and_name_it(tmp_path, capsys, caplog, monkeypatch):
+    from train import generate as gen
+
+    run = fake_run_dir(tmp_path / "run", NEEDLE_RUN)
+    cfg = train_config_from_dict({**NEEDLE_RUN, "run_dir": str(run)})
+    with Checkpointer(run / "checkpoints", cfg.checkpoint) as checkpointer:
+        checkpointer.save(4, {"params": random_params(cfg.model, 1), "step": np.int32(4)}, force=True)
+    _corrupt(run / "checkpoints" / "4")
+    needles = ["needles", "--checkpoint", str(run), "--context-lens", "32", "--depths", "0.5"]
+    needles += ["--needles", "2"]
+    generate = ["--checkpoint", str(run), "--prompt", "a", "--tokenizer", "toy", "--max-new-tokens", "2"]
+    logger = logging.getLogger("train.params_io")  # its parent "train" may not propagate (train CLI)
+    monkeypatch.setattr(logger, "propagate", False)  # so each record reaches caplog once, here
+    logger.addHandler(caplog.handler)
+    try:
+        for command in (lambda: ev.main([*needles, "--samples", "1"]), lambda: gen.main(generate)):
+            caplog.clear()
+            assert command() == 0, capsys.readouterr().err
+            skipped = [r.getMessage() for r in caplog.records if "unreadable checkpoint" in r.getMessage()]
+            assert len(skipped) == 1 and "step 4:" in skipped[0] and "using step 2" in skipped[0], skipped
+    finally:
+        logger.removeHandler(caplog.handler)
+
+    assert gen.main([*generate, "--step", "4"]) == 2
+    assert "error: step=4 is invalid: its parameters cannot be read" in capsys.readouterr().err
+
+    _corrupt(run / "checkpoints" / "2")
+    assert ev.main([*needles, "--samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no checkpoint in" in err and "step 4:" in err and "step 2:" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.slow

@@ -85,3 +85,12 @@ def test_init_from_with_another_shape_is_a_clear_error(trained, tmp_path):
     model = {**TINY["model"], "dim": 48}
     with pytest.raises(ValueError, match=r"init_from=.* is invalid: .*has shape"):
         _run(tmp_path, "c", model=model, init_from=str(trained / "a"))
+
+
+def test_a_corrupt_parameter_directory_is_one_error(trained, tmp_path):
+    save_params(tmp_path / "p", *load_params(trained / "a"))
+    for path in (tmp_path / "p" / "params").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"checkpoint='.*p' is invalid: its parameters cannot be read \("):
+        load_params(tmp_path / "p")

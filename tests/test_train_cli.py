@@ -65,6 +65,17 @@ def test_sigterm_saves_and_exits_cleanly_then_the_run_resumes(tmp_path):
     assert f"finished at step {stopped + 2}" in out
 
 
+def test_ctrl_c_saves_the_step_and_exits_cleanly(tmp_path):
+    proc = cli(write_config(tmp_path), "steps=100000", "checkpoint.every=1000")
+    _wait_for_step(tmp_path / "run", 3, proc)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGINT received: saving a checkpoint" in out and "Traceback" not in out, out
+    stopped = int(re.search(r"preempted at step (\d+)", out).group(1))
+    assert stopped >= 3 and _checkpoints(tmp_path / "run") == [stopped]
+
+
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     code, out = run_cli(write_config(tmp_path))
     assert code == 0, out
@@ -162,3 +173,26 @@ def test_a_text_corpus_trains_on_packed_documents(tmp_path, rng):
     assert sorted(losses) == list(range(1, 9)) and all(math.isfinite(v) for v in losses.values())
     assert losses[8] < losses[1]  # words from a small vocabulary: learnt within a few steps
     assert "eval | loss" in out
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file of the run's config and checkpoints, by relative path."""
+    files = [run_dir / "config.yaml", *(run_dir / "checkpoints").rglob("*")]
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in files if p.is_file()}
+
+
+def test_a_rerun_with_another_model_is_refused_and_leaves_the_run_alone(tmp_path):
+    code, out = run_cli(write_config(tmp_path), "steps=2")
+    assert code == 0, out
+    run_dir = tmp_path / "run"
+    before = _snapshot(run_dir)
+    code, out = run_cli(tmp_path / "train.yaml", "steps=2", "model.mta=null", "model.dim=16")
+    assert code == 2, out
+    assert "error: run_dir=" in out and "another model" in out, out
+    assert "model.mta: saved {" in out and "requested None" in out, out
+    assert "model.dim: saved 32, requested 16" in out, out
+    assert "Traceback" not in out, out
+    assert _snapshot(run_dir) == before
+    code, out = run_cli(tmp_path / "train.yaml", "steps=4", "model.attention_implementation=reference")
+    assert code == 0 and "resumed from the checkpoint of step 2" in out, out
+    assert "finished at step 4" in out

@@ -3,15 +3,23 @@ keys or values fail with a message that names them and what is allowed."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.train_helpers import ROOT, TINY, write_config
+from tests.train_helpers import ROOT, TINY, cli_env, write_config
 from train import data as data_lib
 from train.__main__ import main
-from train.config import TrainConfig, dump, load_train_config, train_config_from_dict
+from train.config import (
+    TrainConfig,
+    check_resumable,
+    dump,
+    load_train_config,
+    train_config_from_dict,
+)
 
 CONFIGS = sorted((ROOT / "configs" / "train").glob("*.yaml"))
 
@@ -115,3 +123,39 @@ def test_cli_prints_the_resolved_config_and_rejects_bad_ones(tmp_path, capsys):
     assert main(["--config", str(path), "optimizer.warmup=3"]) == 2
     assert "allowed keys are" in capsys.readouterr().err
     assert not Path(tmp_path / "run").exists()  # nothing was started
+
+
+def test_resuming_refuses_another_model_and_allows_other_changes(tmp_path):
+    run_dir = tmp_path / "run"
+    saved = load_train_config(write_config(tmp_path))
+    (run_dir / "checkpoints" / "2").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump(saved))
+    again = ["steps=3000", "model.attention_implementation=reference", "model.dtype=bfloat16"]
+    check_resumable(load_train_config(tmp_path / "train.yaml", again), run_dir)
+    changed = load_train_config(tmp_path / "train.yaml", ["model.mta.pre_conv=[2, 5]"])
+    with pytest.raises(ValueError, match=r"model.mta.pre_conv: saved \[2, 3\], requested \[2, 5\]"):
+        check_resumable(changed, run_dir)
+    with pytest.raises(ValueError, match="model.mta: saved {.*}, requested None"):
+        check_resumable(load_train_config(tmp_path / "train.yaml", ["model.mta=null"]), run_dir)
+    (run_dir / "checkpoints" / "2").rmdir()  # no checkpoint yet: a new model starts afresh
+    check_resumable(load_train_config(tmp_path / "train.yaml", ["model.mta=null"]), run_dir)
+
+
+def test_malformed_yaml_is_named_by_file_and_line_without_a_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("steps: 3\nmodel: {dim: 32\nrun_dir: x\n")  # the flow mapping is never closed
+    with pytest.raises(ValueError, match=r"config='.*bad.yaml' is invalid: malformed YAML at line 3"):
+        load_train_config(path)
+    model = tmp_path / "model.yaml"
+    model.write_text("dim: 32\n  heads: [4\n")
+    with pytest.raises(ValueError, match=r"model='.*model.yaml' is invalid: malformed YAML at line 2"):
+        load_train_config(write_config(tmp_path, model=str(model)))
+    command = [sys.executable, "-m", "train", "--config", str(path), "--print-config"]
+    proc = subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: config=" in proc.stderr and "malformed YAML at line 3" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if "YAML" in line] == [
+        f"error: config={str(path)!r} is invalid: malformed YAML at line 3, column 8: expected ',' or '}}', "
+        "but got ':'"
+    ]

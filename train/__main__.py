@@ -1,8 +1,8 @@
 """The training CLI: python -m train --config configs/train/X.yaml key.sub=value ...
 
 Prints the resolved config (also saved as <run_dir>/config.yaml), trains, and exits 0 when the run
-finished or was preempted cleanly; a bad config or data path exits 2 with its message, a NaN or inf
-loss 3 (the last checkpoint is kept).
+finished or was stopped cleanly (SIGTERM or Ctrl-C: saved at the end of the step); a bad config or data
+path exits 2 with its message, a NaN or inf loss 3 (the last checkpoint is kept), a second Ctrl-C 130.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from train.config import dump, load_train_config
+from train.config import check_resumable, dump, load_train_config
 
 
 def _log_to_stderr() -> None:
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     try:
         cfg = load_train_config(args.config, args.overrides)
+        check_resumable(cfg, cfg.run_dir)  # train() checks again; here it stops before jax starts
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print("interrupted: stopped without saving; the last checkpoint is kept", file=sys.stderr)
+        return 130
     status = "preempted" if result.preempted else "finished"
     eval_text = "" if result.eval_loss is None else f", eval loss {result.eval_loss:.4f}"
     if result.eval_metrics and "sequence_error" in result.eval_metrics:

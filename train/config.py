@@ -121,11 +121,22 @@ def _model_mapping(value: Any, base_dir: Path) -> dict:
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
             raise ValueError(f"model={value!r} is invalid: no such file (looked in {base_dir} and .)")
-        with open(path) as f:
-            value = yaml.safe_load(f)
+        value = _read_yaml(path, "model")
     if not isinstance(value, Mapping):
         raise ValueError(f"model={value!r} is invalid: must be a mapping of ModelConfig fields or a path")
     return dict(value)
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in `path`; malformed YAML is a ValueError naming the file and line."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{what}={str(path)!r} is invalid: malformed YAML{where}: {problem}") from None
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
@@ -179,8 +190,7 @@ def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainC
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config={str(path)!r} is invalid: no such file")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = _read_yaml(path, "config") or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config={str(path)!r} is invalid: the file must hold a mapping")
     if "model" in raw:
@@ -199,3 +209,47 @@ def to_dict(cfg: Any) -> Any:
 
 def dump(cfg: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# Model fields that change how the model is computed, not its parameters: a resumed run may change them.
+RESUMABLE_MODEL_FIELDS = ("attention_implementation", "attention_block_q", "attention_block_k", "dtype")
+
+
+def model_differences(saved: ModelConfig, requested: ModelConfig) -> list[str]:
+    """"model.field: saved A, requested B" for each field (leaf of a nested section) that differs,
+    leaving out RESUMABLE_MODEL_FIELDS."""
+    old, new = to_dict(saved), to_dict(requested)
+    for name in RESUMABLE_MODEL_FIELDS:
+        old.pop(name, None), new.pop(name, None)
+    return _differences(old, new, "model")
+
+
+def _differences(old: Any, new: Any, where: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            line
+            for key in list(old) + [k for k in new if k not in old]
+            for line in _differences(old.get(key), new.get(key), f"{where}.{key}")
+        ]
+    return [] if old == new else [f"{where}: saved {old!r}, requested {new!r}"]
+
+
+def check_resumable(cfg: TrainConfig, run_dir: str | Path) -> None:
+    """Raises ValueError if run_dir has checkpoints of another model than cfg.model (see its config.yaml)."""
+    run_dir = Path(run_dir)
+    saved_path = run_dir / "config.yaml"
+    checkpoints = run_dir / "checkpoints"
+    if not saved_path.is_file() or not any(p.name.isdigit() for p in checkpoints.glob("*")):
+        return
+    try:
+        saved = load_train_config(saved_path)
+    except ValueError as error:
+        raise ValueError(f"{saved_path} is invalid: {error}; use a new run_dir") from None
+    changes = model_differences(saved.model, cfg.model)
+    if changes:
+        raise ValueError(
+            f"run_dir={str(run_dir)!r} is invalid: its checkpoints are of another model than requested:\n  "
+            + "\n  ".join(changes)
+            + "\nNothing was written there. Use a new run_dir; init_from="
+            + f"{str(run_dir)!r} starts it from these parameters where their shapes fit the new model."
+        )

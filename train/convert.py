@@ -2,12 +2,13 @@
 
     add-mta       --from RUN_OR_PARAMS_DIR --to OUT_DIR --mta SPEC [--kq-conv-layers 2,6]
     import-llama  --hf-dir HF_DIR --to OUT_DIR [--dtype float32] [--add-mta SPEC [--kq-conv-layers 2,6]]
-    export-llama  --from RUN_OR_PARAMS_DIR --to HF_DIR
+    export-llama  --from RUN_OR_PARAMS_DIR --to HF_DIR [--overwrite]
 
 SPEC is a YAML file of MTAConfig fields (see configs/mta/), a YAML/JSON mapping on the command line
 ('{"pre_conv": [6, 11], "post_head_mix": 2}'), or a model config file with an `mta:` section. add-mta and
 import-llama write a parameter directory (train/params_io.py) and print the train-config lines that
-continue training from it (init_from); export-llama writes config.json and model.safetensors.
+continue training from it (init_from); export-llama writes config.json and model.safetensors (into an
+empty or new directory, a non-empty one only with --overwrite, never into --from).
 A bad argument or checkpoint exits 2 with its message.
 """
 
@@ -106,10 +107,25 @@ def import_llama_command(args) -> None:
     _save(args.to, cfg, params, args.overwrite)
 
 
+def check_export_dir(to: str, source: str, overwrite: bool) -> None:
+    """Refuses to write into the input directory, and into a non-empty directory without --overwrite."""
+    out = Path(to)
+    if out.exists() and out.resolve() == Path(source).resolve():
+        raise ValueError(f"--to={to!r} is invalid: it is the input directory (--from); write elsewhere")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--to={to!r} is invalid: it is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"--to={to!r} is invalid: the directory is not empty; pass --overwrite to replace its "
+            "config.json and model.safetensors"
+        )
+
+
 def export_llama_command(args) -> None:
     from mta_jax.hf_llama import save_llama
     from train.params_io import load_params
 
+    check_export_dir(args.to, args.source, args.overwrite)
     cfg, params = load_params(args.source, step=args.step)
     out = save_llama(args.to, cfg, params, max_position_embeddings=args.max_position_embeddings)
     print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'}", flush=True)
@@ -152,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--step", type=int, help="which checkpoint of a run (default: the newest)")
     exp.add_argument("--to", required=True, help="the Hugging Face directory to write")
     exp.add_argument("--max-position-embeddings", type=int, help="recorded in config.json only")
+    exp.add_argument("--overwrite", action="store_true", help="write into a non-empty directory (not --from)")
     exp.set_defaults(handler=export_llama_command)
     return parser
 

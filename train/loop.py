@@ -4,8 +4,9 @@
 
 Resumes from the newest readable checkpoint in cfg.run_dir/checkpoints (model, optimizer, step, RNG
 and data position together), so a killed run started again continues exactly. SIGTERM (preemption)
-saves a checkpoint at the next step boundary and returns cleanly. A NaN or inf loss or gradient norm
-stops the run with NonFiniteLossError, before that state is saved: the last checkpoint stays good.
+and SIGINT (Ctrl-C; a second one stops at once) save a checkpoint at the next step boundary and return
+cleanly. A NaN or inf loss or gradient norm stops the run with NonFiniteLossError, before that state is
+saved: the last checkpoint stays good.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from jax.experimental import multihost_utils
 from train import data as data_lib
 from train import flops as flops_lib
 from train.checkpoint import Checkpointer
-from train.config import TrainConfig, dump
+from train.config import TrainConfig, check_resumable, dump
 from train.distributed import initialize
 from train.mesh import batch_sharding, make_mesh, replicated, sharding_context
 from train.metrics import MetricsLogger
@@ -50,22 +51,29 @@ class RunResult:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves and stops at the next step boundary. With several
-    processes, JAX's preemption sync point makes them all stop at the same step."""
+    """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop saves and stops at the next step boundary. A
+    second SIGINT raises KeyboardInterrupt at once. With several processes, JAX's preemption sync point
+    makes them all stop at the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint at the end of this step")
+        name = signal.Signals(signum).name
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt(f"a second {name}: stopping without saving")
+        hint = " (Ctrl-C again to stop at once, without saving)" if signum == signal.SIGINT else ""
+        log.warning("%s received: saving a checkpoint at the end of this step%s", name, hint)
         self.requested = True
 
     def reached(self, step: int) -> bool:
@@ -77,8 +85,9 @@ class _Preemption:
         return self.requested
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 def _global_batch(local: dict, sharding) -> dict:
@@ -122,9 +131,10 @@ def _evaluate(evaluate, params, batches, sharding, *, toy: bool) -> dict[str, fl
 
 
 def train(cfg: TrainConfig) -> RunResult:
+    run_dir = Path(cfg.run_dir)
+    check_resumable(cfg, run_dir)  # before anything is written: a refused run leaves run_dir as it was
     initialize(cfg.distributed)
     primary = jax.process_index() == 0
-    run_dir = Path(cfg.run_dir)
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump(cfg))

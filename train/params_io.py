@@ -30,6 +30,13 @@ from mta_jax.config import ModelConfig, model_config_from_dict
 from mta_jax.model import MTATransformer
 
 PyTree = Any
+log = logging.getLogger(__name__)
+
+
+class UnreadableCheckpointError(ValueError):
+    """Orbax could not read a saved parameter tree (corrupt, truncated or missing files)."""
+
+
 MODEL_FILE = "model.yaml"
 PARAMS_DIR = "params"
 
@@ -51,7 +58,8 @@ def save_params(directory: str | os.PathLike, cfg: ModelConfig, params: PyTree, 
 def load_params(path: str | os.PathLike, *, step: int | None = None) -> tuple[ModelConfig, PyTree]:
     """(ModelConfig, params) from a parameter directory or a training run directory.
 
-    step: which checkpoint of a run (default: the newest); not allowed for a parameter directory.
+    step: which checkpoint of a run (default: the newest readable one; an unreadable newer one is skipped
+    with a warning); not allowed for a parameter directory.
     Parameters come back as numpy-backed jax arrays on the default device, in their saved dtype.
     """
     path = Path(path).absolute()
@@ -59,7 +67,10 @@ def load_params(path: str | os.PathLike, *, step: int | None = None) -> tuple[Mo
         if step is not None:
             raise ValueError(f"step={step} is invalid: {path} is a parameter directory with one step")
         cfg = _read_model(path / MODEL_FILE)
-        return cfg, _restore(path / PARAMS_DIR, cfg)
+        try:
+            return cfg, _restore(path / PARAMS_DIR, cfg)
+        except UnreadableCheckpointError as error:
+            raise ValueError(f"checkpoint={str(path)!r} is invalid: {error}") from None
     if (path / "config.yaml").is_file():
         cfg = _read_model(path / "config.yaml", key="model")
         checkpoints = path / "checkpoints"
@@ -67,10 +78,13 @@ def load_params(path: str | os.PathLike, *, step: int | None = None) -> tuple[Mo
         if not steps:
             raise ValueError(f"checkpoint={str(path)!r} is invalid: the run has no saved checkpoint")
         if step is None:
-            step = steps[-1]
-        elif step not in steps:
+            return cfg, _restore_newest_readable(checkpoints, steps, cfg)
+        if step not in steps:
             raise ValueError(f"step={step} is invalid: {path} has checkpoints of steps {steps}")
-        return cfg, _restore(checkpoints / str(step) / "state", cfg, key="params")
+        try:
+            return cfg, _restore(checkpoints / str(step) / "state", cfg, key="params")
+        except UnreadableCheckpointError as error:
+            raise ValueError(f"step={step} is invalid: {error}") from None
     raise ValueError(
         f"checkpoint={str(path)!r} is invalid: neither a parameter directory (with {MODEL_FILE}) nor a "
         "run directory (with config.yaml and checkpoints/)"
@@ -134,12 +148,47 @@ def _name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+def _restore_newest_readable(checkpoints: Path, steps: list[int], cfg: ModelConfig) -> PyTree:
+    """The params of the newest of `steps` that restores; ValueError naming every step tried if none does."""
+    failures = []
+    for step in sorted(steps, reverse=True):
+        try:
+            params = _restore(checkpoints / str(step) / "state", cfg, key="params")
+        except UnreadableCheckpointError as error:
+            failures.append(f"step {step}: {error}")
+            continue
+        if failures:
+            log.warning(
+                "skipped unreadable checkpoint(s) of %s (%s); using step %d",
+                checkpoints,
+                "; ".join(failures),
+                step,
+            )
+        return params
+    raise ValueError(f"no checkpoint in {checkpoints} could be read: {'; '.join(failures)}")
+
+
+def _short(error: Exception, limit: int = 160) -> str:
+    """The error's type and the first line of its message, cut to `limit` characters."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _restore(directory: Path, cfg: ModelConfig, key: str | None = None) -> PyTree:
-    """The params subtree of the Orbax pytree in `directory` (only `key` of it when given)."""
+    """The params subtree of the Orbax pytree in `directory` (only `key` of it when given). Raises
+    UnreadableCheckpointError for files Orbax cannot read, ValueError for parameters that do not fit cfg."""
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params(cfg))
-    with _quiet_item_metadata():
-        metadata = ocp.PyTreeCheckpointer().metadata(directory)
-    tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
+    try:
+        with _quiet_item_metadata():
+            metadata = ocp.PyTreeCheckpointer().metadata(directory)
+    except Exception as error:  # corrupt, truncated or missing files all surface differently
+        raise UnreadableCheckpointError(f"its parameters cannot be read ({_short(error)})") from None
+    if hasattr(metadata, "item_metadata"):
+        metadata = metadata.item_metadata
+    if metadata is None:
+        raise UnreadableCheckpointError("its parameters cannot be read (no readable metadata)")
+    tree = metadata.tree
     saved = _flat(tree[key] if key is not None else tree)
     check_params(cfg, saved, flat=True)
     paths, treedef = jax.tree_util.tree_flatten_with_path(target)
@@ -148,20 +197,25 @@ def _restore(directory: Path, cfg: ModelConfig, key: str | None = None) -> PyTre
     )
     item = {key: target} if key is not None else target
     restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=_one_device()), item)
-    with _quiet_item_metadata(), ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(
-            directory,
-            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
-        )
+    try:
+        with _quiet_item_metadata(), ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(
+                directory,
+                args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+            )
+    except Exception as error:  # corrupt, truncated or missing files all surface differently
+        raise UnreadableCheckpointError(f"its parameters cannot be read ({_short(error)})") from None
     return restored[key] if key is not None else restored
 
 
 class _NoItemMetadataWarning(logging.Filter):
     """Drops Orbax's warning that an item directory (a run's checkpoints/<step>/state) has no
-    _CHECKPOINT_METADATA: that file sits one level up, at the step, and the item reads fine."""
+    _CHECKPOINT_METADATA: that file sits one level up, at the step, and the item reads fine; and its
+    warning of unreadable item metadata, which _restore turns into an error."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Metadata file does not exist" not in record.getMessage()
+        message = record.getMessage()
+        return "Metadata file does not exist" not in message and "Failed to get item metadata" not in message
 
 
 @contextlib.contextmanager
