@@ -3,7 +3,7 @@
 "interleaved": rotates pairs (2i, 2i+1), as the MTA reference (lingua) and Meta's Llama code.
 "half": rotates pairs (i, i + D/2), as Hugging Face's Llama (rotate_half).
 Both use frequency theta ** (-2i / D) for pair i, optionally rescaled by a RopeScaling; angles are
-computed in float32.
+computed in float32 (float64 for float64 inputs).
 """
 
 from __future__ import annotations
@@ -62,13 +62,13 @@ class RopeScaling:
 
 
 def rope_angles(
-    positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None
+    positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None, dtype=jnp.float32
 ) -> jax.Array:
-    """[..., T, D/2] rotation angles for integer positions [..., T]."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    """[..., T, D/2] rotation angles for integer positions [..., T], in dtype (float32 or wider)."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim)
     if scaling is not None:
         inv_freq = scaling.apply(inv_freq)
-    return positions.astype(jnp.float32)[..., None] * inv_freq
+    return positions.astype(dtype)[..., None] * inv_freq
 
 
 def apply_rope(
@@ -78,10 +78,12 @@ def apply_rope(
     style: str = "interleaved",
     scaling: RopeScaling | None = None,
 ):
-    """Rotates x [B, T, H, D] by the angles of positions [B, T] (or [T]); keeps x's dtype."""
-    angles = rope_angles(positions, x.shape[-1], theta, scaling)[..., None, :]  # [B, T, 1, D/2]
+    """Rotates x [B, T, H, D] by the angles of positions [B, T] (or [T]); keeps x's dtype, computes
+    in promote_types(x.dtype, float32) (so a float64 model stays float64-exact)."""
+    compute = jnp.promote_types(x.dtype, jnp.float32)
+    angles = rope_angles(positions, x.shape[-1], theta, scaling, compute)[..., None, :]  # [B, T, 1, D/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    xf = x.astype(jnp.float32)
+    xf = x.astype(compute)
     if style == "interleaved":
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         rotated = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)

@@ -31,6 +31,25 @@ def test_rope_interleaved_equals_complex_rotation(rng):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("style", ["interleaved", "half"])
+def test_rope_is_float64_exact_for_float64_inputs(rng, style):
+    """float64 in, float64 out, against the complex rotation in float64 (it was rounded to float32)."""
+    x = rng.standard_normal((2, 7, 3, 8))
+    positions = rng.integers(0, 100_000, size=(2, 7))
+    freq = 1e4 ** (-np.arange(4) * 2 / 8)
+    pairs = (x[..., 0::2], x[..., 1::2]) if style == "interleaved" else (x[..., :4], x[..., 4:])
+    z = (pairs[0] + 1j * pairs[1]) * np.exp(1j * positions[..., None, None] * freq)
+    if style == "interleaved":
+        want = np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
+    else:
+        want = np.concatenate([z.real, z.imag], axis=-1)
+    with jax.enable_x64(True):
+        got = apply_rope(jnp.asarray(x), jnp.asarray(positions), 1e4, style)
+        assert got.dtype == jnp.float64
+        # angles up to 1e5 rad: float64 rounding of pos * freq is ~1e-11 absolute
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-10)
+
+
 def test_rope_half_equals_hugging_face_rotate_half(rng):
     x = rng.standard_normal((1, 6, 2, 8))
     positions = np.arange(6)
