@@ -23,14 +23,14 @@ def _error(field: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{field}={value!r} is invalid: {allowed}")
 
 
-def _check_positive_int(field: str, value: Any) -> None:
+def check_positive_int(field: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _error(field, value, "must be a positive integer")
 
 
 def _check_head_counts(num_heads: Any, num_kv_heads: Any) -> None:
-    _check_positive_int("num_heads", num_heads)
-    _check_positive_int("num_kv_heads", num_kv_heads)
+    check_positive_int("num_heads", num_heads)
+    check_positive_int("num_kv_heads", num_kv_heads)
     if num_heads % num_kv_heads:
         raise _error(
             "num_kv_heads", num_kv_heads, f"must divide num_heads={num_heads} (grouped-query attention)"
@@ -43,8 +43,8 @@ def _check_conv_size(field: str, value: Any, pad_key: str) -> tuple[int, int] | 
     if not isinstance(value, list | tuple) or len(value) != 2:
         raise _error(field, value, "must be None or a pair (c_q, c_k) of positive integers")
     c_q, c_k = value
-    _check_positive_int(f"{field}[0] (c_q)", c_q)
-    _check_positive_int(f"{field}[1] (c_k)", c_k)
+    check_positive_int(f"{field}[0] (c_q)", c_q)
+    check_positive_int(f"{field}[1] (c_k)", c_k)
     if pad_key == "both" and c_k % 2 == 0:
         raise _error(f"{field}[1] (c_k)", c_k, 'must be odd with pad_key="both" (equal padding on each side)')
     return (c_q, c_k)
@@ -85,7 +85,7 @@ class MTAConfig:
         object.__setattr__(self, "post_conv", _check_conv_size("post_conv", self.post_conv, self.pad_key))
         for field in ("pre_head_mix", "post_head_mix"):
             if getattr(self, field) is not None:
-                _check_positive_int(field, getattr(self, field))
+                check_positive_int(field, getattr(self, field))
         if self.gate not in GATE_MODES:
             raise _error("gate", self.gate, f"must be one of {GATE_MODES}")
         if not 0.0 <= self.dropout_rate < 1.0:
@@ -159,9 +159,9 @@ class ModelConfig:
 
     def __post_init__(self):
         for field in ("vocab_size", "dim", "num_layers", "num_heads", "ffn_multiple_of"):
-            _check_positive_int(field, getattr(self, field))
+            check_positive_int(field, getattr(self, field))
         if self.ffn_hidden_dim_override is not None:
-            _check_positive_int("ffn_hidden_dim_override", self.ffn_hidden_dim_override)
+            check_positive_int("ffn_hidden_dim_override", self.ffn_hidden_dim_override)
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:
@@ -171,7 +171,7 @@ class ModelConfig:
                 )
             object.__setattr__(self, "head_dim", self.dim // self.num_heads)
         _check_head_counts(self.num_heads, self.num_kv_heads)
-        _check_positive_int("head_dim", self.head_dim)
+        check_positive_int("head_dim", self.head_dim)
         if self.rope_style not in ROPE_STYLES:
             raise _error("rope_style", self.rope_style, f"must be one of {ROPE_STYLES}")
         if isinstance(self.rope_scaling, Mapping):
@@ -191,7 +191,7 @@ class ModelConfig:
             )
         for field in ("attention_block_q", "attention_block_k"):
             if getattr(self, field) is not None:
-                _check_positive_int(field, getattr(self, field))
+                check_positive_int(field, getattr(self, field))
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
                 raise _error(field, getattr(self, field), "must be float32, bfloat16 or float16")

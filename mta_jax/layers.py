@@ -12,7 +12,7 @@ from flax.core import spmd
 from jax.sharding import PartitionSpec
 
 from mta_jax.attention import multi_token_attention
-from mta_jax.config import MTAConfig
+from mta_jax.config import IMPLEMENTATIONS, ROPE_STYLES, MTAConfig, check_positive_int
 from mta_jax.decode import LayerCache, attend_window, init_layer_cache
 from mta_jax.masks import default_positions
 from mta_jax.params import MTAParams, init_mta_params
@@ -73,6 +73,19 @@ class SwiGLU(nnx.Module):
         return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
 
 
+def _check_layer_inputs(x, dim: int, positions, segment_ids) -> None:
+    """x [B, T, dim]; positions and segment_ids [B, T] (positions may be [T]): named errors."""
+    if x.ndim != 3 or x.shape[-1] != dim:
+        raise ValueError(f"x has shape {tuple(x.shape)}: expected [batch, seq_len, dim={dim}]")
+    batch, seq_len, _ = x.shape
+    if segment_ids is not None and tuple(segment_ids.shape) != (batch, seq_len):
+        raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}: expected [batch, seq_len] = "
+                         f"{[batch, seq_len]}")  # fmt: skip
+    if positions is not None and tuple(positions.shape) not in ((batch, seq_len), (seq_len,)):
+        raise ValueError(f"positions has shape {tuple(positions.shape)}: expected [batch, seq_len] = "
+                         f"{[batch, seq_len]} or [seq_len]")  # fmt: skip
+
+
 class MultiTokenAttention(nnx.Module):
     """Attention with the MTA parts of `mta` (None: standard attention), RoPE and GQA.
 
@@ -100,6 +113,21 @@ class MultiTokenAttention(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        check_positive_int("dim", dim)
+        check_positive_int("num_heads", num_heads)
+        if head_dim is None and dim % num_heads:
+            raise ValueError(
+                f"num_heads={num_heads} is invalid: must divide dim={dim} when head_dim is unset"
+            )
+        if head_dim is not None:
+            check_positive_int("head_dim", head_dim)
+        if rope_style not in ROPE_STYLES:
+            raise ValueError(f"rope_style={rope_style!r} is invalid: must be one of {ROPE_STYLES}")
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation={implementation!r} is invalid: must be one of {IMPLEMENTATIONS}"
+            )
+        self.dim = dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
         self.head_dim = head_dim or dim // num_heads
@@ -157,6 +185,7 @@ class MultiTokenAttention(nnx.Module):
     ) -> jax.Array:
         """x: [B, T, dim]; positions: [B, T] RoPE positions (default: restart per segment, else
         0..T-1); segment_ids: [B, T] packed-document ids."""
+        _check_layer_inputs(x, self.dim, positions, segment_ids)
         batch, seq_len, _ = x.shape
         if positions is None:
             positions = default_positions(seq_len, segment_ids)

@@ -105,6 +105,15 @@ class MTATransformer(nnx.Module):
                 f"tokens with shape {tokens.shape} and dtype {tokens.dtype} is invalid: "
                 "must be integer [B, T]"
             )
+        if segment_ids is not None and tuple(segment_ids.shape) != tuple(tokens.shape):
+            raise ValueError(
+                f"segment_ids has shape {tuple(segment_ids.shape)}: "
+                f"expected tokens' shape {tuple(tokens.shape)}"
+            )
+        if positions is not None and tuple(positions.shape) not in (tuple(tokens.shape), tokens.shape[1:]):
+            raise ValueError(
+                f"positions has shape {tuple(positions.shape)}: expected tokens' shape {tuple(tokens.shape)}"
+            )
         if positions is None:
             positions = default_positions(tokens.shape[1], segment_ids)
         h = constrain(self.tok_embeddings(tokens), *ACTIVATION_AXES)

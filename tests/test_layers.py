@@ -198,3 +198,24 @@ def test_rope_scaling_is_read_from_a_model_config_mapping():
     assert cfg.rope_scaling == RopeScaling("linear", factor=2.0)
     with pytest.raises(ValueError, match="rope_scaling.kind='yarn' is invalid"):
         ModelConfig(vocab_size=8, dim=16, num_layers=1, num_heads=2, rope_scaling={"kind": "yarn"})
+
+
+def test_layer_constructor_validates_like_the_config():
+    rngs = nnx.Rngs(0)
+    with pytest.raises(ValueError, match=r"num_heads=7 is invalid: must divide dim=1536"):
+        MultiTokenAttention(dim=1536, num_heads=7, rngs=rngs)
+    with pytest.raises(ValueError, match=r"num_kv_heads=3 is invalid: must divide num_heads=4"):
+        MultiTokenAttention(dim=32, num_heads=4, num_kv_heads=3, rngs=rngs)
+    with pytest.raises(ValueError, match=r"rope_style='rotate' is invalid"):
+        MultiTokenAttention(dim=32, num_heads=4, rope_style="rotate", rngs=rngs)
+    with pytest.raises(ValueError, match=r"implementation='fast' is invalid"):
+        MultiTokenAttention(dim=32, num_heads=4, implementation="fast", rngs=rngs)
+    MultiTokenAttention(dim=36, num_heads=4, head_dim=8, rngs=rngs)  # explicit head_dim need not divide
+
+
+def test_layer_inputs_are_checked_with_named_shapes():
+    layer = MultiTokenAttention(dim=16, num_heads=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"x has shape \(2, 3, 8\): expected \[batch, seq_len, dim=16\]"):
+        layer(jnp.zeros((2, 3, 8)))
+    with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 4\)"):
+        layer(jnp.zeros((2, 3, 16)), segment_ids=jnp.zeros((2, 4), jnp.int32))

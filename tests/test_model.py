@@ -176,3 +176,11 @@ def test_bfloat16_model_close_to_float32(seed, rng):
 def test_bad_tokens_are_rejected(seed):
     with pytest.raises(ValueError, match=r"tokens with shape \(2, 3, 1\) and dtype int32 is invalid"):
         _model(TINY, seed)(jnp.zeros((2, 3, 1), jnp.int32))
+
+
+def test_mismatched_segment_ids_and_positions_are_named(seed):
+    model, tokens = _model(TINY, seed), jnp.zeros((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 4\): expected tokens' shape \(2, 5\)"):
+        model(tokens, segment_ids=jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match=r"positions has shape \(5, 2\)"):
+        model(tokens, positions=jnp.zeros((5, 2), jnp.int32))
