@@ -63,8 +63,9 @@ def summary(report: dict) -> str:
     if "flops_per_chip" in report:
         flops = report["flops_per_chip"]
         lines.append(
-            f"  FLOPs per step      {flops['compiled']:.4g} compiled (cost analysis), "
-            f"{flops['analytical_model']:.4g} model FLOPs (train/flops.py)"
+            f"  FLOPs per step      {flops['compiled']:.4g} compiled (cost analysis"
+            + (f", microbatch loop x {report['microbatches']}" if report["microbatches"] > 1 else "")
+            + f"), {flops['analytical_model']:.4g} model FLOPs (train/flops.py)"
         )
     if "estimate" in report:
         e = report["estimate"]
