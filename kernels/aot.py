@@ -108,6 +108,18 @@ def pod_devices(pod: Pod, num_slices: int = 1) -> tuple[jax.Device, ...]:
     if num_slices < 1:
         raise ValueError(f"num_slices={num_slices!r} is invalid: must be >= 1")
     chip = pod.chip
+    if chip.platform == "cuda":
+        if num_slices != 1:
+            raise ValueError(f"num_slices={num_slices} is invalid for GPUs: give the GPU count ({pod.name})")
+        from jax.experimental import topologies
+
+        _ensure_cuda_plugin()
+        target = (TARGETS_DIR / chip.target_config).read_text()
+        return tuple(
+            topologies.get_topology_desc(
+                topology_name="", platform="cuda", target_config=target, topology=pod.topology
+            ).devices
+        )
     return tuple(_tpu_devices(pod.topology, chip.chip_config, pod.chips_per_host_bounds, num_slices, pod.wrap))
 
 

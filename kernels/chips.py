@@ -114,7 +114,9 @@ class Pod:
 
     @property
     def topology(self) -> str:
-        """libtpu's topology name: "v5p:2x4x4"."""
+        """libtpu's topology name: "v5p:2x4x4"; for GPU nodes, the CUDA plugin's "1x<hosts>x<GPUs a host>"."""
+        if self.chip.platform == "cuda":
+            return "1x" + "x".join(map(str, self.shape))
         return f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
 
     @property
@@ -130,14 +132,18 @@ class Pod:
         return (cube,) * 3
 
 
-# Cores counted by the Cloud name per chip, the slice's rank, the largest count.
-_POD_RULES = {"v4": (2, 3, 4096), "v5p": (2, 3, 8192), "v5e": (1, 2, 256), "v6e": (1, 2, 256)}
+# Cores counted by the Cloud name per chip, the slice's rank (0: GPUs, 8 a host), the largest count.
+_POD_RULES = {"v4": (2, 3, 4096), "v5p": (2, 3, 8192), "v5e": (1, 2, 256), "v6e": (1, 2, 256),
+              "h100": (1, 0, 1024), "h200": (1, 0, 1024)}  # fmt: skip
+GPUS_PER_HOST = 8
 _POD_ALIASES = {"v5litepod": "v5e"}
 
 
 def _slice_shape(chips: int, rank: int) -> tuple[int, ...]:
     """Google's slice shapes: double the smallest axis (the last of equal ones) from 2x2x1 or 1x1:
-    8 chips -> 2x2x2 / 2x4, 32 -> 2x4x4 / 4x8, 64 -> 4x4x4 / 8x8."""
+    8 chips -> 2x2x2 / 2x4, 32 -> 2x4x4 / 4x8, 64 -> 4x4x4 / 8x8. GPUs (rank 0): (hosts, GPUs a host)."""
+    if rank == 0:
+        return (max(chips // GPUS_PER_HOST, 1), min(chips, GPUS_PER_HOST))
     shape = [2, 2, 1] if rank == 3 else [1, 1]
     while math.prod(shape) < chips:
         smallest = min(shape)
@@ -147,22 +153,26 @@ def _slice_shape(chips: int, rank: int) -> tuple[int, ...]:
 
 
 def get_pod(name: str) -> Pod:
-    """The slice named `name` ("v5p-64", "v4-32", "v5e-16", "v6e-256"), with a clear error otherwise."""
-    match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip().lower())
+    """The slice named `name` ("v5p-64", "v4-32", "v5e-16", "v6e-256"; "h200-8": a node of 8 GPUs,
+    "h100-16": two), with a clear error otherwise."""
+    match = re.fullmatch(r"([a-z]+\d+[a-z]*)-(\d+)", name.strip().lower())
     kind = match and _POD_ALIASES.get(match.group(1), match.group(1))
     if not match or kind not in _POD_RULES:
         raise ValueError(
             f"topology={name!r} is invalid: must be <chip>-<count> with chip one of {sorted(_POD_RULES)} "
-            "(e.g. v5p-64: 64 TensorCores = 32 chips; v6e-64: 64 chips)"
+            "(e.g. v5p-64: 64 TensorCores = 32 chips; v6e-64: 64 chips; h200-8: 8 GPUs)"
         )
     per_chip, rank, largest = _POD_RULES[kind]
     count = int(match.group(2))
     chips = count // per_chip
     smallest = 4 if rank == 3 else 1
-    if count % per_chip or chips < smallest or count > largest or chips & (chips - 1):
-        unit = "TensorCores (2 a chip)" if per_chip == 2 else "chips"
+    power_of_two = chips & (chips - 1) == 0
+    shaped = (power_of_two or chips % GPUS_PER_HOST == 0) if rank == 0 else power_of_two
+    if count % per_chip or chips < smallest or count > largest or not shaped:
+        unit = "TensorCores (2 a chip)" if per_chip == 2 else "GPUs" if rank == 0 else "chips"
+        whole = " (or whole hosts of 8)" if rank == 0 else ""
         raise ValueError(
-            f"topology={name!r} is invalid: {kind} slices count {unit}, a power of two from "
+            f"topology={name!r} is invalid: {kind} slices count {unit}, a power of two{whole} from "
             f"{smallest * per_chip} to {largest}"
         )
     return Pod(f"{kind}-{count}", CHIPS[kind], _slice_shape(chips, rank))

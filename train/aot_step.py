@@ -143,7 +143,7 @@ def compile_run(cfg: TrainConfig, pod: Pod, num_slices: int = 1, hbm_bytes: int 
     state = result.abstract_state
     report: dict[str, Any] = {
         "topology": pod.name,
-        "libtpu_topology": pod.topology,
+        "compiler_topology": pod.topology,  # libtpu's ("v5p:2x4x4") or the CUDA plugin's ("1x1x8")
         "num_slices": num_slices,
         "chip": chip.name,
         "device_kind": devices[0].device_kind,

@@ -38,8 +38,8 @@ def summary(report: dict) -> str:
 
     mesh = " ".join(f"{axis}={size}" for axis, size in report["mesh"].items())
     lines = [
-        f"{report['config']} on {report['topology']} x {report['num_slices']} slice(s): libtpu topology "
-        f"{report['libtpu_topology']}, {report['chips']} chips ({report['device_kind']}), mesh {mesh}",
+        f"{report['config']} on {report['topology']} x {report['num_slices']} slice(s): compiler topology "
+        f"{report['compiler_topology']}, {report['chips']} chips ({report['device_kind']}), mesh {mesh}",
         f"batch {report['global_batch_size']} x {report['seq_len']} tokens in {report['microbatches']} "
         f"microbatch(es): {report['rows_per_chip_per_microbatch']:g} rows per chip per microbatch",
         "attention ("
