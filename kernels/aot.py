@@ -3,6 +3,7 @@
     device = compile_only_device(get_chip("h200"))          # or "v5e", ...
     with target_mesh(device):                                 # the kernels see the device kind
         compiled = jax.jit(f).trace(*abstract_args(device, ...)).lower().compile()
+    devices = pod_devices(get_pod("v5p-64"), num_slices=2)  # every chip of whole slices
 
 TPUs: libtpu's compile-only topologies (the `compile` extra installs libtpu). GPUs: the CUDA PJRT
 plugin with an XLA GPU target description from kernels/targets/ (the plugin without the nvidia-*
@@ -31,7 +32,7 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels.chips import Chip  # noqa: E402
+from kernels.chips import Chip, Pod  # noqa: E402
 
 TARGETS_DIR = Path(__file__).parent / "targets"
 
@@ -57,36 +58,69 @@ def _ensure_cuda_plugin() -> None:
     plugin.initialize()
 
 
+def _require_libtpu() -> None:
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        raise CompilerUnavailable(
+            "libtpu is not installed: pip install -e '.[compile]' (see README, Kernels)"
+        ) from e
+
+
+def _tpu_devices(topology_name: str, chip_config: str, per_host, num_slices: int, wrap) -> list[jax.Device]:
+    from jax.experimental import topologies
+
+    _require_libtpu()
+    topology = topologies.get_topology_desc(
+        topology_name=topology_name,
+        platform="tpu",
+        chip_config_name=chip_config,
+        chips_per_host_bounds=tuple(per_host),
+        num_slices=num_slices,
+        wrap=list(wrap),
+    )
+    return list(topology.devices)
+
+
 @functools.cache
 def compile_only_device(chip: Chip) -> jax.Device:
     """A device of `chip` that compiles but cannot run (one chip of the smallest slice for TPUs)."""
     from jax.experimental import topologies
 
     if chip.platform == "tpu":
-        try:
-            import libtpu  # noqa: F401
-        except ImportError as e:
-            raise CompilerUnavailable(
-                "libtpu is not installed: pip install -e '.[compile]' (see README, Kernels)"
-            ) from e
         dims = chip.topology.split(":")[1].split("x")
-        topology = topologies.get_topology_desc(
-            topology_name=chip.topology,
-            platform="tpu",
-            chip_config_name=chip.chip_config,
-            chips_per_host_bounds=tuple(int(d) for d in dims) + (1,) * (3 - len(dims)),
-            num_slices=1,
-            wrap=[False, False, False],
-        )
-    else:
-        _ensure_cuda_plugin()
-        topology = topologies.get_topology_desc(
-            topology_name="",
-            platform="cuda",
-            target_config=(TARGETS_DIR / chip.target_config).read_text(),
-            topology="1x1x1",
-        )
+        per_host = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+        return _tpu_devices(chip.topology, chip.chip_config, per_host, 1, (False,) * 3)[0]
+    _ensure_cuda_plugin()
+    topology = topologies.get_topology_desc(
+        topology_name="",
+        platform="cuda",
+        target_config=(TARGETS_DIR / chip.target_config).read_text(),
+        topology="1x1x1",
+    )
     return topology.devices[0]
+
+
+@functools.cache
+def pod_devices(pod: Pod, num_slices: int = 1) -> tuple[jax.Device, ...]:
+    """Every compile-only chip of `num_slices` slices of `pod` (kernels.chips.get_pod("v5p-64")):
+    pod.chips x num_slices devices; with several slices each has its slice_index."""
+    if num_slices < 1:
+        raise ValueError(f"num_slices={num_slices!r} is invalid: must be >= 1")
+    chip = pod.chip
+    if chip.platform == "cuda":
+        if num_slices != 1:
+            raise ValueError(f"num_slices={num_slices} is invalid for GPUs: give the GPU count ({pod.name})")
+        from jax.experimental import topologies
+
+        _ensure_cuda_plugin()
+        target = (TARGETS_DIR / chip.target_config).read_text()
+        return tuple(
+            topologies.get_topology_desc(
+                topology_name="", platform="cuda", target_config=target, topology=pod.topology
+            ).devices
+        )
+    return tuple(_tpu_devices(pod.topology, chip.chip_config, pod.chips_per_host_bounds, num_slices, pod.wrap))
 
 
 @contextlib.contextmanager

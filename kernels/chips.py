@@ -12,6 +12,7 @@ from the vendors' data sheets; estimates, never measurements).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 MiB = 2**20
@@ -92,3 +93,86 @@ def get_chip(name: str) -> Chip:
 # The chip a platform's kernels are tuned for when the device kind is not known at trace time:
 # the one with the least on-chip memory, so the tiles fit every chip of that platform.
 FALLBACK = {"tpu": "v4", "cuda": "h100"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TPU slices by their Cloud names
+
+
+@dataclasses.dataclass(frozen=True)
+class Pod:
+    """A TPU slice by its Cloud accelerator name: "v5p-64" (v4, v5p: the count is TensorCores, two
+    per chip, so 32 chips), "v6e-64" (v5e, v6e: the count is chips)."""
+
+    name: str
+    chip: Chip
+    shape: tuple[int, ...]  # chips along each axis of the slice: (2, 4, 4), (8, 8)
+
+    @property
+    def chips(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def topology(self) -> str:
+        """libtpu's topology name: "v5p:2x4x4"; for GPU nodes, the CUDA plugin's "1x<hosts>x<GPUs a host>"."""
+        if self.chip.platform == "cuda":
+            return "1x" + "x".join(map(str, self.shape))
+        return f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
+
+    @property
+    def chips_per_host_bounds(self) -> tuple[int, int, int]:
+        """Four chips a host (2x2), as on v4, v5p and the v5e/v6e hosts of 4 chips."""
+        dims = self.shape + (1,) * (3 - len(self.shape))
+        return (min(dims[0], 2), min(dims[1], 2), 1)
+
+    @property
+    def wrap(self) -> tuple[bool, bool, bool]:
+        """Torus wrap-around links: v4 and v5p slices of whole 4x4x4 cubes."""
+        cube = len(self.shape) == 3 and all(d >= 4 and d % 4 == 0 for d in self.shape)
+        return (cube,) * 3
+
+
+# Cores counted by the Cloud name per chip, the slice's rank (0: GPUs, 8 a host), the largest count.
+_POD_RULES = {"v4": (2, 3, 4096), "v5p": (2, 3, 8192), "v5e": (1, 2, 256), "v6e": (1, 2, 256),
+              "h100": (1, 0, 1024), "h200": (1, 0, 1024)}  # fmt: skip
+GPUS_PER_HOST = 8
+_POD_ALIASES = {"v5litepod": "v5e"}
+
+
+def _slice_shape(chips: int, rank: int) -> tuple[int, ...]:
+    """Google's slice shapes: double the smallest axis (the last of equal ones) from 2x2x1 or 1x1:
+    8 chips -> 2x2x2 / 2x4, 32 -> 2x4x4 / 4x8, 64 -> 4x4x4 / 8x8. GPUs (rank 0): (hosts, GPUs a host)."""
+    if rank == 0:
+        return (max(chips // GPUS_PER_HOST, 1), min(chips, GPUS_PER_HOST))
+    shape = [2, 2, 1] if rank == 3 else [1, 1]
+    while math.prod(shape) < chips:
+        smallest = min(shape)
+        index = max(i for i, d in enumerate(shape) if d == smallest)
+        shape[index] *= 2
+    return tuple(shape)
+
+
+def get_pod(name: str) -> Pod:
+    """The slice named `name` ("v5p-64", "v4-32", "v5e-16", "v6e-256"; "h200-8": a node of 8 GPUs,
+    "h100-16": two), with a clear error otherwise."""
+    match = re.fullmatch(r"([a-z]+\d+[a-z]*)-(\d+)", name.strip().lower())
+    kind = match and _POD_ALIASES.get(match.group(1), match.group(1))
+    if not match or kind not in _POD_RULES:
+        raise ValueError(
+            f"topology={name!r} is invalid: must be <chip>-<count> with chip one of {sorted(_POD_RULES)} "
+            "(e.g. v5p-64: 64 TensorCores = 32 chips; v6e-64: 64 chips; h200-8: 8 GPUs)"
+        )
+    per_chip, rank, largest = _POD_RULES[kind]
+    count = int(match.group(2))
+    chips = count // per_chip
+    smallest = 4 if rank == 3 else 1
+    power_of_two = chips & (chips - 1) == 0
+    shaped = (power_of_two or chips % GPUS_PER_HOST == 0) if rank == 0 else power_of_two
+    if count % per_chip or chips < smallest or count > largest or not shaped:
+        unit = "TensorCores (2 a chip)" if per_chip == 2 else "GPUs" if rank == 0 else "chips"
+        whole = " (or whole hosts of 8)" if rank == 0 else ""
+        raise ValueError(
+            f"topology={name!r} is invalid: {kind} slices count {unit}, a power of two{whole} from "
+            f"{smallest * per_chip} to {largest}"
+        )
+    return Pod(f"{kind}-{count}", CHIPS[kind], _slice_shape(chips, rank))

@@ -14,9 +14,13 @@ ValueError naming the option; implementation="auto" then picks the blockwise pat
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from flax.core import spmd
+from jax.sharding import PartitionSpec
 
 from kernels import tpu_tiles, triton_tiles
 from kernels.dspace import dspace_operands
@@ -158,7 +162,40 @@ def pallas_attention_core(
     )  # fmt: skip
 
 
-def _run(q, k, v, params, q_segment_ids, kv_segment_ids, *, cfg, kernel, interpret, target, **options):
+def _batch_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes that split the batch: those of the logical axis "batch" in the active rules
+    (flax.core.spmd.logical_axis_rules, as train/mesh.py sets them), else none."""
+    rules = dict(spmd.get_logical_axis_rules() or ())
+    axes = rules.get("batch")
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return tuple(a for a in axes if a in mesh.axis_names and a not in mesh.manual_axes)
+
+
+def _run(q, k, v, params, q_segment_ids, kv_segment_ids, **options):
+    """_run_local on every device's rows: under a mesh of several devices the kernels run in a
+    shard_map (Mosaic and Triton calls cannot be partitioned by XLA), split over the batch axes;
+    other axes (tensor) hold every head, gathered if they were split."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names):
+        return _run_local(q, k, v, params, q_segment_ids, kv_segment_ids, **options)
+    if q_segment_ids is None:
+        q_segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+        kv_segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
+    axes = _batch_axes(mesh)
+    if q.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        axes = ()
+    rows = PartitionSpec(axes or None)
+    local = functools.partial(_run_local, **options)
+    return jax.shard_map(
+        local,
+        in_specs=(rows, rows, rows, PartitionSpec(), rows, rows),
+        out_specs=rows,
+        axis_names=set(mesh.axis_names) - set(mesh.manual_axes),
+        check_vma=False,
+    )(q, k, v, params, q_segment_ids, kv_segment_ids)
+
+
+def _run_local(q, k, v, params, q_segment_ids, kv_segment_ids, *, cfg, kernel, interpret, target, **options):
     """One kernel on one platform: glue, padding, tiles, kernel call."""
     batch, q_len, num_heads, head_dim = q.shape
     kv_len = k.shape[1]

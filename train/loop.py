@@ -27,12 +27,11 @@ from train import flops as flops_lib
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, check_resumable, dump
 from train.distributed import initialize
-from train.mesh import batch_sharding, make_mesh, replicated, sharding_context
+from train.mesh import batch_sharding, make_mesh, sharding_context
 from train.metrics import MetricsLogger
-from train.optim import learning_rate_schedule, make_optimizer
 from train.params_io import check_params, load_params
-from train.state import abstract_model, init_state, state_shardings
-from train.step import BATCH_KEYS, jit_steps, make_eval_step, make_train_step
+from train.state import init_state
+from train.step import BATCH_KEYS, build_steps
 
 log = logging.getLogger("train")
 
@@ -97,7 +96,7 @@ def _global_batch(local: dict, sharding) -> dict:
     }
 
 
-def _check_batch_layout(cfg: TrainConfig, mesh) -> None:
+def check_batch_layout(cfg: TrainConfig, mesh) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = cfg.global_batch_size // cfg.microbatches
     if rows % shards:
@@ -146,20 +145,12 @@ def train(cfg: TrainConfig) -> RunResult:
             f"tokenizer {cfg.data.tokenizer!r}) emits {vocab} token ids"
         )
     mesh = make_mesh(cfg.mesh)
-    _check_batch_layout(cfg, mesh)
+    check_batch_layout(cfg, mesh)
     log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.devices()[0].device_kind)
 
-    tx = make_optimizer(cfg.optimizer, cfg.steps)
-    schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
-    graphdef, abstract_params, rest = abstract_model(cfg.model)
-    abstract_state, shardings = state_shardings(cfg.model, tx, mesh, abstract_params)
-    train_step, evaluate = jit_steps(
-        make_train_step(graphdef, rest, tx, schedule, cfg.microbatches),
-        make_eval_step(graphdef, rest),
-        shardings,
-        batch_sharding(mesh),
-        replicated(mesh),
-    )
+    steps = build_steps(cfg, mesh)
+    tx, abstract_state, shardings = steps.tx, steps.abstract_state, steps.shardings
+    train_step, evaluate = steps.train, steps.evaluate
 
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = data_lib.train_iterator(cfg.data, cfg.global_batch_size, seed=cfg.seed, **process)

@@ -8,12 +8,20 @@ step as one pass over the whole batch.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+if TYPE_CHECKING:
+    from train.config import TrainConfig
+
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+BATCH_DTYPES = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32,
+                "segment_ids": jnp.int32, "positions": jnp.int32}  # fmt: skip
 
 
 def token_losses(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -133,3 +141,43 @@ def jit_steps(train_step, eval_step, shardings: dict, batch_sharding, metrics_sh
         out_shardings=metrics_sharding,
     )
     return train, evaluate
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSteps:
+    """What a run trains with on `mesh`: the optimizer, the abstract state (shapes with shardings),
+    the state's shardings, and the jitted train and eval steps."""
+
+    tx: optax.GradientTransformation
+    abstract_state: dict
+    shardings: dict
+    train: Any  # jitted train_step(state, batch) -> (state, metrics), the state donated
+    evaluate: Any  # jitted eval_step(params, batch) -> sums
+
+
+def build_steps(cfg: TrainConfig, mesh: jax.sharding.Mesh) -> RunSteps:
+    """The train and eval steps of the run `cfg` on `mesh`, as `python -m train` runs them (and
+    `python -m train.compile` compiles them)."""
+    from train.mesh import batch_sharding, replicated
+    from train.optim import learning_rate_schedule, make_optimizer
+    from train.state import abstract_model, state_shardings
+
+    tx = make_optimizer(cfg.optimizer, cfg.steps)
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.steps)
+    graphdef, abstract_params, rest = abstract_model(cfg.model)
+    abstract_state, shardings = state_shardings(cfg.model, tx, mesh, abstract_params)
+    train, evaluate = jit_steps(
+        make_train_step(graphdef, rest, tx, schedule, cfg.microbatches),
+        make_eval_step(graphdef, rest),
+        shardings,
+        batch_sharding(mesh),
+        replicated(mesh),
+    )
+    return RunSteps(tx, abstract_state, shardings, train, evaluate)
+
+
+def abstract_batch(rows: int, seq_len: int, sharding) -> dict:
+    """The shapes of a global batch: BATCH_KEYS -> ShapeDtypeStruct [rows, seq_len] with `sharding`."""
+    return {
+        key: jax.ShapeDtypeStruct((rows, seq_len), BATCH_DTYPES[key], sharding=sharding) for key in BATCH_KEYS
+    }
