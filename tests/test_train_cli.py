@@ -52,28 +52,28 @@ def test_a_run_killed_and_resumed_has_the_uninterrupted_loss_trajectory(tmp_path
     assert train_losses(killed / "run") == reference  # exactly, step by step
 
 
-def test_sigterm_saves_and_exits_cleanly_then_the_run_resumes(tmp_path):
+def _interrupt_a_run(tmp_path, sig: signal.Signals) -> tuple[int, str]:
+    """Start a long run, send `sig` after step 3; (the step it saved at, its output), checked clean."""
     proc = cli(write_config(tmp_path), "steps=100000", "checkpoint.every=1000")
     _wait_for_step(tmp_path / "run", 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
+    assert f"{sig.name} received: saving a checkpoint" in out and "Traceback" not in out, out
     stopped = int(re.search(r"preempted at step (\d+)", out).group(1))
-    assert _checkpoints(tmp_path / "run") == [stopped]
+    assert stopped >= 3 and _checkpoints(tmp_path / "run") == [stopped]
+    return stopped, out
+
+
+def test_sigterm_saves_and_exits_cleanly_then_the_run_resumes(tmp_path):
+    stopped, _ = _interrupt_a_run(tmp_path, signal.SIGTERM)
     code, out = run_cli(tmp_path / "train.yaml", f"steps={stopped + 2}")
     assert code == 0 and f"resumed from the checkpoint of step {stopped}" in out, out
     assert f"finished at step {stopped + 2}" in out
 
 
 def test_ctrl_c_saves_the_step_and_exits_cleanly(tmp_path):
-    proc = cli(write_config(tmp_path), "steps=100000", "checkpoint.every=1000")
-    _wait_for_step(tmp_path / "run", 3, proc)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    assert "SIGINT received: saving a checkpoint" in out and "Traceback" not in out, out
-    stopped = int(re.search(r"preempted at step (\d+)", out).group(1))
-    assert stopped >= 3 and _checkpoints(tmp_path / "run") == [stopped]
+    _interrupt_a_run(tmp_path, signal.SIGINT)
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
