@@ -37,6 +37,24 @@ def _check_head_counts(num_heads: Any, num_kv_heads: Any) -> None:
         )
 
 
+def resolve_head_dim(dim: Any, num_heads: Any, num_kv_heads: Any, head_dim: Any) -> int:
+    """The head dim of an attention layer (dim // num_heads when head_dim is None), after checking
+    dim, the head counts and head_dim; shared by ModelConfig and the NNX layer."""
+    check_positive_int("dim", dim)
+    _check_head_counts(num_heads, num_kv_heads)
+    if head_dim is None:
+        if dim % num_heads:
+            raise _error("num_heads", num_heads, f"must divide dim={dim} when head_dim is unset")
+        head_dim = dim // num_heads
+    check_positive_int("head_dim", head_dim)
+    return head_dim
+
+
+def check_choice(field: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise _error(field, value, f"must be one of {choices}")
+
+
 def _check_conv_size(field: str, value: Any, pad_key: str) -> tuple[int, int] | None:
     if value is None:
         return None
@@ -164,16 +182,9 @@ class ModelConfig:
             check_positive_int("ffn_hidden_dim_override", self.ffn_hidden_dim_override)
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
-        if self.head_dim is None:
-            if self.dim % self.num_heads:
-                raise _error(
-                    "num_heads", self.num_heads, f"must divide dim={self.dim} when head_dim is unset"
-                )
-            object.__setattr__(self, "head_dim", self.dim // self.num_heads)
-        _check_head_counts(self.num_heads, self.num_kv_heads)
-        check_positive_int("head_dim", self.head_dim)
-        if self.rope_style not in ROPE_STYLES:
-            raise _error("rope_style", self.rope_style, f"must be one of {ROPE_STYLES}")
+        head_dim = resolve_head_dim(self.dim, self.num_heads, self.num_kv_heads, self.head_dim)
+        object.__setattr__(self, "head_dim", head_dim)
+        check_choice("rope_style", self.rope_style, ROPE_STYLES)
         if isinstance(self.rope_scaling, Mapping):
             try:
                 object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))

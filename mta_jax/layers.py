@@ -12,7 +12,7 @@ from flax.core import spmd
 from jax.sharding import PartitionSpec
 
 from mta_jax.attention import multi_token_attention
-from mta_jax.config import IMPLEMENTATIONS, ROPE_STYLES, MTAConfig, check_positive_int
+from mta_jax.config import IMPLEMENTATIONS, ROPE_STYLES, MTAConfig, check_choice, resolve_head_dim
 from mta_jax.decode import LayerCache, attend_window, init_layer_cache
 from mta_jax.masks import default_positions
 from mta_jax.params import MTAParams, init_mta_params
@@ -113,24 +113,12 @@ class MultiTokenAttention(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        check_positive_int("dim", dim)
-        check_positive_int("num_heads", num_heads)
-        if head_dim is None and dim % num_heads:
-            raise ValueError(
-                f"num_heads={num_heads} is invalid: must divide dim={dim} when head_dim is unset"
-            )
-        if head_dim is not None:
-            check_positive_int("head_dim", head_dim)
-        if rope_style not in ROPE_STYLES:
-            raise ValueError(f"rope_style={rope_style!r} is invalid: must be one of {ROPE_STYLES}")
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation={implementation!r} is invalid: must be one of {IMPLEMENTATIONS}"
-            )
         self.dim = dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
-        self.head_dim = head_dim or dim // num_heads
+        self.head_dim = resolve_head_dim(dim, num_heads, self.num_kv_heads, head_dim)
+        check_choice("rope_style", rope_style, ROPE_STYLES)
+        check_choice("implementation", implementation, IMPLEMENTATIONS)
         self.mta = mta if mta is not None else MTAConfig()
         self.mta.check_heads(self.num_heads, self.num_kv_heads)
         self.rope_theta = rope_theta
