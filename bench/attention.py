@@ -52,7 +52,7 @@ from mta_jax.params import MTAParams, init_mta_params  # noqa: E402
 
 PATHS = ("reference", "blockwise", "pallas", "dot_product_attention")
 DPA = "dot_product_attention"
-CONFIGS = ("kq_conv", "kq_conv_mix4", "head_mix", "full")
+CONFIGS = ("kq_conv", "kq_conv_mix4", "head_mix", "mix_all", "kq_conv_mix_all", "full")
 DEFAULT_CONFIGS = ("kq_conv", "head_mix", "full")
 MODES = ("forward", "forward+backward")
 FWD_BWD = "forward+backward"
@@ -79,8 +79,10 @@ OOM_SIGNS = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory", "OOM")
 def layer_config(name: str, heads: int) -> MTAConfig:
     """The named layer: "kq_conv" (the issue's 6x11 pre-softmax conv), "kq_conv_mix4" (that conv with
     head mixing in groups of 4 before and after the softmax, the largest groups the kernels fuse),
-    "head_mix" (post-softmax head mixing in groups of 4, or of H when H < 4) or "full" (the paper's
-    layer, configs/models/880M_mta.yaml)."""
+    "head_mix" (post-softmax head mixing in groups of 4, or of H when H < 4), "mix_all" (the paper's
+    layers without a kq-conv: mixing over all heads before and after the softmax, group norm, gate),
+    "kq_conv_mix_all" (the paper's kq-conv layer without its post-softmax conv) or "full" (the paper's
+    kq-conv layer, configs/models/880M_mta.yaml)."""
     if name == "kq_conv":
         return MTAConfig(pre_conv=(6, 11))
     if name == "kq_conv_mix4":
@@ -88,6 +90,14 @@ def layer_config(name: str, heads: int) -> MTAConfig:
         return MTAConfig(pre_conv=(6, 11), pre_head_mix=size, post_head_mix=size)
     if name == "head_mix":
         return MTAConfig(post_head_mix=math.gcd(4, heads))
+    if name in ("mix_all", "kq_conv_mix_all"):
+        return MTAConfig(
+            pre_conv=(6, 11) if name == "kq_conv_mix_all" else None,
+            pre_head_mix=heads,
+            post_head_mix=heads,
+            group_norm=True,
+            gate="scalar",
+        )
     if name == "full":
         return MTAConfig(
             pre_conv=(6, 11),

@@ -1,7 +1,7 @@
 """Compile the attention paths for TPUs and GPUs with the real compilers, on a host without the chips.
 
     python -m bench.compile_check [--targets v4 v5e v5p v6e h100 h200] [--layers kq_conv kq_conv_mix4
-        head_mix full] [--head-dims 64 128] [--lengths 1024 4096 32768] [--modes fwd fwd+bwd]
+        head_mix mix_all kq_conv_mix_all full] [--head-dims 64 128] [--lengths 1024 4096 32768] [--modes fwd fwd+bwd]
         [--paths pallas blockwise reference dot_product_attention] [--out bench/results]
     python -m bench.compile_check --readme [README.md]   # rewrites the README's table from the JSON
 
@@ -45,7 +45,7 @@ from kernels.ops import default_block_sizes, unsupported_option  # noqa: E402
 from mta_jax.attention import multi_token_attention  # noqa: E402
 from mta_jax.params import init_mta_params  # noqa: E402
 
-LAYERS = ("kq_conv", "kq_conv_mix4", "head_mix", "full")
+LAYERS = ("kq_conv", "kq_conv_mix4", "head_mix", "mix_all", "kq_conv_mix_all", "full")
 PATHS = ("pallas", "blockwise", "reference", DPA)
 MODES = (roofline.FWD, roofline.FWD_BWD)
 MARKERS = ("<!-- compile-table:start -->", "<!-- compile-table:end -->")
@@ -208,7 +208,8 @@ def check_point(chip, device, point: Point) -> dict:
     """Compile one point for `chip`; the record (never raises for a compiler's refusal)."""
     cfg = layer_config(point.layer, HEADS)
     record = {**dataclasses.asdict(point), "accepted": None, "error": None}
-    if point.path == "pallas" and (missing := unsupported_option(cfg)):
+    missing = unsupported_option(cfg, head_dim=point.head_dim, platform=chip.platform)
+    if point.path == "pallas" and missing:
         return {**record, "accepted": None, "skipped": f"the fused kernels do not support {missing}"}
     if point.path == "reference" and point.seq > REFERENCE_MAX_LEN:
         return {**record, "skipped": f"O(T^2) memory: compiled up to T={REFERENCE_MAX_LEN}"}
