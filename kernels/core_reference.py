@@ -8,6 +8,7 @@ with a wide QK contraction, a band correction near the causal diagonal, and head
     z           = MASK_VALUE where invisible
     P[h]        = softmax_j(z[h]), 0 where invisible (a row with no visible key is all 0)
     Pf[h]       = sum_h' post_mix[g, h', h] P[h']         (identity if None)
+    Pf          = Pf * keep / (1 - rate)                  (attention dropout, only when asked for)
     out[h, i]   = sum_j Pf[h, i, j] v[h // (H / Hkv), j]
 
 visible(i, j) = q_segment_ids[i] == kv_segment_ids[j] and (not causal or j <= i + S - T).
@@ -16,13 +17,17 @@ Shapes: qp [B, H, C, T, Dk]; kp [B, H, C, S, Dk] (C slabs: the QK contraction is
 v [B, Hkv, S, D]; band [B, H, T, W] float32 or None;
 q_segment_ids [B, T] and kv_segment_ids [B, S] int32; pre_mix / post_mix [H / c, c, c] in (in, out)
 layout or None. qp already carries the softmax scale. Returns out [B, H, T, D] float32 and the
-log-sum-exp of z per row, lse [B, H, T] float32 (0 for rows with no visible key).
+log-sum-exp of z per row, lse [B, H, T] float32 (0 for rows with no visible key). Dropout: keep is
+mta_jax/dropout.py's mask from per-(batch row, head) seeds [B, H] at query positions i - q_offset and
+key positions j - kv_offset (the offsets undo the kernels' front padding).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from mta_jax import dropout
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -69,6 +74,10 @@ def core_reference(
     post_mix: jax.Array | None,
     *,
     causal: bool,
+    dropout_seeds: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    q_offset: int = 0,
+    kv_offset: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """The core op, materialising [B, H, T, S]. Returns (out [B, H, T, D] float32, lse [B, H, T])."""
     acc = jnp.promote_types(qp.dtype, jnp.float32)
@@ -86,6 +95,12 @@ def core_reference(
     empty = total[..., 0] == 0.0
     lse = jnp.where(empty, 0.0, m[..., 0] + jnp.log(jnp.where(empty, 1.0, total[..., 0])))
     probs = _mix(probs, post_mix)
+    if dropout_rate:
+        rows = jnp.arange(qp.shape[3], dtype=jnp.int32)[:, None] - q_offset
+        cols = jnp.arange(kp.shape[3], dtype=jnp.int32)[None, :] - kv_offset
+        seeds = jax.lax.bitcast_convert_type(dropout_seeds, jnp.int32)[:, :, None, None]
+        state = dropout.row_hash(seeds, rows)
+        probs = dropout.apply_dropout(probs, dropout.keep_bits(state, cols, dropout_rate), dropout_rate)
     v_per_head = jnp.repeat(v, heads // kv_heads, axis=1)
     out = jnp.einsum("bhts,bhsd->bhtd", probs.astype(v.dtype), v_per_head, preferred_element_type=acc)
     return out, lse

@@ -5,10 +5,12 @@
 
 The kernel is chosen for the platform being compiled for (kernels/platform.py), not the host's, and
 its tiles for the chip (triton_tiles.py, tpu_tiles.py). What the kernels support: the pre-softmax
-key-query conv (any c_q, c_k, pad_key), head mixing in groups of at most 4 before and after the
-softmax, causal or not, packed documents (segment ids), grouped-query attention, T != S, float32 and
-bfloat16 (float16) inputs. Anything else (post-softmax conv, wider head mixing, dropout, float64) is a
-ValueError naming the option; implementation="auto" then picks the blockwise path.
+key-query conv (any c_q, c_k, pad_key), head mixing before and after the softmax (groups of up to 16
+heads on TPU, whose VMEM holds every head's tile; up to 4 on GPU, where more do not fit a Hopper
+SM's registers), attention dropout in training (mta_jax/dropout.py's mask, drawn in-kernel), causal
+or not, packed documents (segment ids), grouped-query attention, T != S, float32 and bfloat16
+(float16) inputs. Anything else (post-softmax conv, wider head mixing, float64) is a ValueError
+naming the option; implementation="auto" then picks the blockwise path.
 """
 
 from __future__ import annotations
@@ -28,35 +30,46 @@ from kernels.platform import Target, chip_of, per_platform
 from kernels.tpu_core import mta_core_tpu
 from kernels.triton_core import mta_core_triton
 from mta_jax.config import MTAConfig
+from mta_jax.dropout import head_seeds
 from mta_jax.params import MTAParams, key_padding
 
-MAX_MIX_GROUP = 4
+# The largest head-mixing group the kernels fuse, per platform: on TPU the 16 heads' score tiles fit
+# VMEM at 256 x 128 (libtpu compiles the paper's layer, bench/results/compile-v5e.json); on GPU a
+# group of 4 already needs the smallest tiles (triton_tiles.py), and 16 did not finish compiling for
+# an H200 in 35 minutes. Interpreted (CPU) the kernels take any group up to the TPU's.
+MAX_MIX_GROUP = {"tpu": 16, "cuda": 4, "gpu": 4, "cpu": 16}
 KERNELS = ("triton", "tpu")
 _PAD_Q_SEGMENT = jnp.iinfo(jnp.int32).min  # padded query rows see nothing
 _PAD_KV_SEGMENT = jnp.iinfo(jnp.int32).min + 1  # padded keys are seen by nobody
 
 
 def unsupported_option(
-    cfg: MTAConfig, *, training_dropout: bool = False, dtype=None, head_dim: int | None = None, platform=None
+    cfg: MTAConfig, *, dtype=None, head_dim: int | None = None, platform=None
 ) -> str | None:
-    """Why the kernels cannot run this configuration (naming the option), or None if they can.
-    platform "cuda" (the Triton kernels) also needs a head dim that is a multiple of 16."""
+    """Why the kernels cannot run this configuration on `platform` ("tpu", "cuda" / "gpu", "cpu";
+    None: on any of them), naming the option, or None if they can. On GPU the Triton kernels also
+    need a head dim that is a multiple of 16."""
     if cfg.post_conv is not None:
         return f"post_conv={cfg.post_conv} (the post-softmax key-query conv)"
+    largest = MAX_MIX_GROUP.get(platform, max(MAX_MIX_GROUP.values()))
+    where = f" on {platform}" if platform in MAX_MIX_GROUP else ""
     for name in ("pre_head_mix", "post_head_mix"):
         size = getattr(cfg, name)
-        if size is not None and size > MAX_MIX_GROUP:
-            return f"{name}={size} (head mixing in groups of more than {MAX_MIX_GROUP})"
+        if size is not None and size > largest:
+            return f"{name}={size}{where} (head mixing in groups of more than {largest})"
     sizes = [s for s in (cfg.pre_head_mix, cfg.post_head_mix) if s is not None]
     if len(sizes) == 2 and max(sizes) % min(sizes):
         return f"pre_head_mix={sizes[0]} with post_head_mix={sizes[1]} (one group size must divide the other)"
-    if training_dropout:
-        return f"dropout_rate={cfg.dropout_rate} (attention dropout in training)"
     if dtype is not None and jnp.dtype(dtype) == jnp.float64:
         return "float64 inputs (the kernels compute in float32 at most)"
     if platform in ("cuda", "gpu") and head_dim is not None and head_dim % 16:
         return f"head_dim={head_dim} on GPU (the Triton kernels need a multiple of 16)"
     return None
+
+
+def _refuse(reason: str | None) -> None:
+    if reason:
+        raise ValueError(f'implementation="pallas" does not support {reason}; use "blockwise" or "reference"')
 
 
 def _pad_front(x: jax.Array, amount: int, value=0) -> jax.Array:
@@ -132,13 +145,16 @@ def pallas_attention_core(
     the front to whole tiles, which keeps the bottom-right causal alignment; padded keys belong to no
     document.
     """
-    reason = unsupported_option(cfg, training_dropout=dropout_rng is not None, dtype=q.dtype)
-    if reason:
-        raise ValueError(f'implementation="pallas" does not support {reason}; use "blockwise" or "reference"')
+    _refuse(unsupported_option(cfg, dtype=q.dtype))
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r} is invalid: must be one of {KERNELS}")
     options = dict(block_q=block_q, block_k=block_k, block_sizes=block_sizes)
-    args = (q, k, v, params, q_segment_ids, kv_segment_ids)
+    # Dropout seeds of every (batch row, head) of the whole batch, so that under a shard_map each
+    # device's rows draw the mask of their global index.
+    seeds = None
+    if dropout_rng is not None:
+        seeds = jax.lax.bitcast_convert_type(head_seeds(dropout_rng, q.shape[0], q.shape[2]), jnp.int32)
+    args = (q, k, v, params, q_segment_ids, kv_segment_ids, seeds)
     if target is not None and kernel is None:
         kernel = "tpu" if target.platform == "tpu" else "triton"
         interpret = target.platform == "cpu" if interpret is None else interpret
@@ -171,13 +187,13 @@ def _batch_axes(mesh) -> tuple[str, ...]:
     return tuple(a for a in axes if a in mesh.axis_names and a not in mesh.manual_axes)
 
 
-def _run(q, k, v, params, q_segment_ids, kv_segment_ids, **options):
+def _run(q, k, v, params, q_segment_ids, kv_segment_ids, seeds, **options):
     """_run_local on every device's rows: under a mesh of several devices the kernels run in a
     shard_map (Mosaic and Triton calls cannot be partitioned by XLA), split over the batch axes;
     other axes (tensor) hold every head, gathered if they were split."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or set(mesh.manual_axes) == set(mesh.axis_names):
-        return _run_local(q, k, v, params, q_segment_ids, kv_segment_ids, **options)
+        return _run_local(q, k, v, params, q_segment_ids, kv_segment_ids, seeds, **options)
     if q_segment_ids is None:
         q_segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
         kv_segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
@@ -188,15 +204,18 @@ def _run(q, k, v, params, q_segment_ids, kv_segment_ids, **options):
     local = functools.partial(_run_local, **options)
     return jax.shard_map(
         local,
-        in_specs=(rows, rows, rows, PartitionSpec(), rows, rows),
+        in_specs=(rows, rows, rows, PartitionSpec(), rows, rows, rows),
         out_specs=rows,
         axis_names=set(mesh.axis_names) - set(mesh.manual_axes),
         check_vma=False,
-    )(q, k, v, params, q_segment_ids, kv_segment_ids)
+    )(q, k, v, params, q_segment_ids, kv_segment_ids, seeds)
 
 
-def _run_local(q, k, v, params, q_segment_ids, kv_segment_ids, *, cfg, kernel, interpret, target, **options):
+def _run_local(
+    q, k, v, params, q_segment_ids, kv_segment_ids, seeds, *, cfg, kernel, interpret, target, **options
+):
     """One kernel on one platform: glue, padding, tiles, kernel call."""
+    _refuse(unsupported_option(cfg, dtype=q.dtype, head_dim=q.shape[-1], platform=target.platform))
     batch, q_len, num_heads, head_dim = q.shape
     kv_len = k.shape[1]
     # Tiles for the chip compiled for; interpreted on the CPU, the kernels' plain defaults (fewer steps).
@@ -231,11 +250,16 @@ def _run_local(q, k, v, params, q_segment_ids, kv_segment_ids, *, cfg, kernel, i
         params.pre_head_mix,
         params.post_head_mix,
     )
+    dropout = {}
+    if seeds is not None:  # the hashed positions are the unpadded ones
+        dropout = dict(dropout_seeds=seeds, dropout_rate=cfg.dropout_rate, q_offset=q_pad, kv_offset=kv_pad)
     if kernel == "triton":
-        out = mta_core_triton(*operands, causal=cfg.causal, block_sizes=blocks, interpret=interpret)
+        out = mta_core_triton(
+            *operands, causal=cfg.causal, block_sizes=blocks, interpret=interpret, **dropout
+        )
     else:
         vmem = chip.vmem_bytes if chip is not None else 16 * 2**20
         out = mta_core_tpu(
-            *operands, causal=cfg.causal, block_sizes=blocks, vmem_bytes=vmem, interpret=interpret
+            *operands, causal=cfg.causal, block_sizes=blocks, vmem_bytes=vmem, interpret=interpret, **dropout
         )
     return out.transpose(0, 2, 1, 3)[:, q_pad:]

@@ -1,6 +1,7 @@
 """Backward of the fused MTA core op on the TPU (Mosaic): a delta kernel (post_mix only), dQ and dK/dV.
 
-- delta (with post_mix): delta_b = rowsum(P_b dP_b) over kv tiles (kv innermost).
+- delta (with post_mix): delta_b = rowsum(P_b dP_b) over kv tiles (kv innermost). Without it
+  delta = rowsum(dout * out), with or without dropout (out sums the dropped weights).
 - dQ, grid (B, H / G, q tiles, kv tiles): dqp, the band's gradient and the mixes' per-program partials.
 - dK/dV, grid (B, H / G, kv tiles, q tiles): dkp and dV per query head (summed over each kv head's
   query heads in XLA).
@@ -28,7 +29,7 @@ def _delta_post(r, cfg: Config, qi, ki):
     def _run():
         _, z, visible, _ = tc.tile_scores(r, cfg, qi, ki)
         p = tc.tile_probs(r, z, visible, cfg)
-        _, dp = tc.tile_dprobs(r, p, visible, cfg)
+        _, dp = tc.tile_dprobs(r, p, visible, cfg, tc.dropout_keep(r, cfg, qi, ki))
         for t in range(cfg.group):
             r["delta_out"][t] += jnp.sum(p[t] * dp[t], axis=1, keepdims=True)
 
@@ -45,7 +46,7 @@ def _dq(r, cfg: Config, qi, ki):
     @pl.when(tc.should_run(cfg, qi, ki))
     def _run():
         s, z, visible, offset = tc.tile_scores(r, cfg, qi, ki)
-        p, _, dpf, dz, ds = tc.tile_grads(r, s, z, visible, cfg)
+        p, _, dpf, dz, ds = tc.tile_grads(r, s, z, visible, cfg, tc.dropout_keep(r, cfg, qi, ki))
         n_slabs = r["qp"].shape[1]
         for t in range(cfg.group):
             ds_t = ds[t].astype(r["kp"].dtype)
@@ -87,7 +88,7 @@ def _dkv(r, cfg: Config, ki, qi):
     @pl.when(tc.should_run(cfg, qi, ki))
     def _run():
         s, z, visible, _ = tc.tile_scores(r, cfg, qi, ki)
-        _, pf, _, _, ds = tc.tile_grads(r, s, z, visible, cfg)
+        _, pf, _, _, ds = tc.tile_grads(r, s, z, visible, cfg, tc.dropout_keep(r, cfg, qi, ki))
         n_slabs = r["qp"].shape[1]
         v_dtype = r["v"].dtype
         for t in range(cfg.group):
@@ -110,13 +111,13 @@ def _dkv(r, cfg: Config, ki, qi):
 
 
 def backward(cfg_dq: Config, cfg_dkv: Config, res, dout):
-    """Cotangents of (qp, kp, v, band, qseg, kvseg, pre, post) given dout [B, H, T, D]; the delta and
+    """Cotangents of (qp, kp, v, band, qseg, kvseg, pre, post, seeds) given dout [B, H, T, D]; the delta and
     dQ kernels run at cfg_dq's tiles, dK/dV at cfg_dkv's."""
-    qp, kp, v, band, qseg, kvseg, pre, post, out, lse = res
+    qp, kp, v, band, qseg, kvseg, pre, post, seeds, out, lse = res
     batch, heads, n_slabs, _, dk = qp.shape
     kv_len, dim = kp.shape[3], v.shape[-1]
     G, f32 = cfg_dq.group, jnp.float32
-    inputs = tc.base_inputs(qp, kp, v, band, qseg, kvseg, pre, post)
+    inputs = tc.base_inputs(qp, kp, v, band, qseg, kvseg, pre, post, seeds)
     if cfg_dq.post_size:
         delta_out = {"delta_out": jax.ShapeDtypeStruct(lse.shape, f32)}
         delta_in = {**inputs, "lse": lse, "dout": dout}
@@ -163,4 +164,5 @@ def backward(cfg_dq: Config, cfg_dkv: Config, res, dout):
         None,
         mix_grad("dpre", pre),
         mix_grad("dpost", post),
+        None,
     )

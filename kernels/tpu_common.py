@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.core_reference import MASK_VALUE
+from mta_jax import dropout
 
 LANES = 128
 SUBLANES = 8
@@ -51,6 +52,9 @@ class Config:
     width: int  # band width W (0: no band)
     interpret: bool
     vmem_bytes: int = 16 * 2**20  # VMEM of the chip compiled for (kernels/chips.py)
+    dropout_rate: float = 0.0  # attention dropout (0: none); the mask hashes mta_jax/dropout.py's way
+    q_offset: int = 0  # rows padded in front of the queries: row r is query position r - q_offset
+    kv_offset: int = 0  # the same for the keys
 
     @property
     def num_q(self) -> int:
@@ -190,12 +194,35 @@ def tile_probs(r, z, visible, cfg: Config):
     ]
 
 
+def dropout_keep(r, cfg: Config, qi, ki):
+    """Per head of the group the [bq, bk] boolean keep mask of tile (qi, ki) (None without dropout):
+    mta_jax/dropout.py's hash of (seed of the batch row and head, query position, key position)."""
+    if not cfg.dropout_rate:
+        return None
+    ref, base = r["seeds"]
+    bq, bk = cfg.block_q, cfg.block_k
+    rows = lax.broadcasted_iota(jnp.int32, (bq, LANES), 0) + (qi * bq - cfg.q_offset)
+    cols = lax.broadcasted_iota(jnp.int32, (bq, bk), 1) + (ki * bk - cfg.kv_offset)
+    return [
+        dropout.keep_bits(to_lanes(dropout.row_hash(ref[base + t], rows), bk), cols, cfg.dropout_rate)
+        for t in range(cfg.group)
+    ]
+
+
+def drop(tiles, keep, cfg: Config):
+    """Inverted dropout of the G tiles (identity when keep is None)."""
+    if keep is None:
+        return tiles
+    scale = 1.0 / (1.0 - cfg.dropout_rate)
+    return [jnp.where(k, x * scale, 0.0) for x, k in zip(tiles, keep, strict=True)]
+
+
 def post_mix_tiles(p, r, cfg: Config):
     return mix_tiles(p, r["post"], cfg, cfg.post_size) if cfg.post_size else p
 
 
-def tile_dprobs(r, p, visible, cfg: Config):
-    """dPf_c = dout_c v_c^T and dP_b = sum_c post[b, c] dPf_c. Returns (dpf, dp)."""
+def tile_dprobs(r, p, visible, cfg: Config, keep=None):
+    """dPf_c = drop(dout_c v_c^T) and dP_b = sum_c post[b, c] dPf_c. Returns (dpf, dp)."""
     v_dtype = r["v"].dtype
     dpf = [
         lax.dot_general(
@@ -203,15 +230,17 @@ def tile_dprobs(r, p, visible, cfg: Config):
         )
         for t in range(cfg.group)
     ]
+    dpf = drop(dpf, keep, cfg)
     dp = mix_tiles(dpf, r["post"], cfg, cfg.post_size, transpose=True) if cfg.post_size else dpf
     return dpf, dp
 
 
-def tile_grads(r, s, z, visible, cfg: Config):
-    """Backward of one tile. Returns (p, pf, dpf, dz, ds) lists over the group."""
+def tile_grads(r, s, z, visible, cfg: Config, keep=None):
+    """Backward of one tile. Returns (p, pf, dpf, dz, ds) lists over the group; pf is what multiplies
+    v (mixed and dropped), dpf the gradient of the mixed probabilities (through the dropout)."""
     p = tile_probs(r, z, visible, cfg)
-    pf = post_mix_tiles(p, r, cfg)
-    dpf, dp = tile_dprobs(r, p, visible, cfg)
+    pf = drop(post_mix_tiles(p, r, cfg), keep, cfg)
+    dpf, dp = tile_dprobs(r, p, visible, cfg, keep)
     dz = [p[t] * (dp[t] - to_lanes(r["delta"][t], cfg.block_k)) for t in range(cfg.group)]
     ds = mix_tiles(dz, r["pre"], cfg, cfg.pre_size, transpose=True) if cfg.pre_size else dz
     return p, pf, dpf, dz, ds
@@ -231,6 +260,8 @@ def _kernel(*refs, body, cfg: Config, names: tuple[str, ...]):
     for name in ("pre", "post"):  # program ids are read here, outside any pl.when (interpret mode needs it)
         if name in r:
             r[name] = (r[name], pl.program_id(1) * (cfg.group * cfg.group))
+    if "seeds" in r:  # flat [B * H]: this program's batch row, first head of its group
+        r["seeds"] = (r["seeds"], pl.program_id(0) * cfg.heads + pl.program_id(1) * cfg.group)
     body(r, cfg, pl.program_id(2), pl.program_id(3))  # (outer tile, inner tile)
 
 
@@ -277,6 +308,7 @@ def block_specs(cfg: Config, kv_major: bool):
         "kvseg": lambda shape: pl.BlockSpec((None, SUBLANES, bk), lambda b, g, o, i: (b, 0, tiles(o, i)[1])),
         "pre": lambda shape: smem,
         "post": lambda shape: smem,
+        "seeds": lambda shape: smem,
         "q_rows": lambda shape: pl.BlockSpec((None, G, bq, shape[3]), qmap(4)),  # lse, delta, dout, out
         "k_rows": lambda shape: pl.BlockSpec((None, G, bk, shape[3]), kmap(4)),  # dv per query head
         "k_slabs": lambda shape: pl.BlockSpec((None, G, shape[2], bk, shape[4]), kmap(5)),
@@ -391,5 +423,6 @@ def lane_rows(x: jax.Array) -> jax.Array:
     return jnp.broadcast_to(x[..., None], (*x.shape, LANES))
 
 
-def base_inputs(qp, kp, v, band, qseg, kvseg, pre, post) -> dict:
-    return {"qp": qp, "kp": kp, "v": v, "band": band, "qseg": qseg, "kvseg": kvseg, "pre": pre, "post": post}
+def base_inputs(qp, kp, v, band, qseg, kvseg, pre, post, seeds) -> dict:
+    names = ("qp", "kp", "v", "band", "qseg", "kvseg", "pre", "post", "seeds")
+    return dict(zip(names, (qp, kp, v, band, qseg, kvseg, pre, post, seeds), strict=True))

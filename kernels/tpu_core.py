@@ -29,13 +29,13 @@ class _Launch:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(launch: _Launch, qp, kp, v, band, qseg, kvseg, pre, post):
-    return forward(launch.fwd, qp, kp, v, band, qseg, kvseg, pre, post)[0]
+def _core(launch: _Launch, qp, kp, v, band, qseg, kvseg, pre, post, seeds):
+    return forward(launch.fwd, qp, kp, v, band, qseg, kvseg, pre, post, seeds)[0]
 
 
-def _core_fwd(launch: _Launch, qp, kp, v, band, qseg, kvseg, pre, post):
-    out, lse = forward(launch.fwd, qp, kp, v, band, qseg, kvseg, pre, post)
-    return out, (qp, kp, v, band, qseg, kvseg, pre, post, out, lse)
+def _core_fwd(launch: _Launch, qp, kp, v, band, qseg, kvseg, pre, post, seeds):
+    out, lse = forward(launch.fwd, qp, kp, v, band, qseg, kvseg, pre, post, seeds)
+    return out, (qp, kp, v, band, qseg, kvseg, pre, post, seeds, out, lse)
 
 
 def _core_bwd(launch: _Launch, res, dout):
@@ -85,6 +85,10 @@ def mta_core_tpu(
     block_q: int | None = None,
     block_k: int | None = None,
     vmem_bytes: int = 16 * 2**20,
+    dropout_seeds: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    q_offset: int = 0,
+    kv_offset: int = 0,
     interpret: bool = False,
 ) -> jax.Array:
     """The MTA core op (kernels/core_reference.py) as Pallas TPU kernels. Returns out [B, H, T, D] float32.
@@ -94,6 +98,8 @@ def mta_core_tpu(
     band, pre_mix and post_mix. block_sizes: tiles of each kernel (default 256 x 256; tpu_tiles.py
     chooses per chip), block_q / block_k override them in every kernel; blocks are clipped to T / S and
     must divide them (the caller pads). vmem_bytes: the chip's VMEM, which caps vmem_limit_bytes.
+    dropout_seeds [B, H] (mta_jax.dropout.head_seeds, int32 or uint32) with dropout_rate > 0: attention
+    dropout with mta_jax/dropout.py's mask at query position row - q_offset, key position col - kv_offset.
     """
     batch, heads, n_slabs, q_len, _ = qp.shape
     kv_len = kp.shape[3]
@@ -114,6 +120,11 @@ def mta_core_tpu(
         raise ValueError(f"mixing group sizes {sizes}: the larger must be a multiple of the smaller")
     if heads % group != 0:
         raise ValueError(f"mixing group size {group} must divide heads={heads}")
+    if dropout_rate and (dropout_seeds is None or dropout_seeds.shape != (batch, heads)):
+        shape = None if dropout_seeds is None else dropout_seeds.shape
+        raise ValueError(
+            f"dropout_rate={dropout_rate} needs dropout_seeds of shape {(batch, heads)}, got {shape}"
+        )
     rep = heads // kv_heads
     if rep % group == 0:
         v_block = 1
@@ -139,6 +150,9 @@ def mta_core_tpu(
             width=width,
             interpret=interpret,
             vmem_bytes=vmem_bytes,
+            dropout_rate=float(dropout_rate),
+            q_offset=q_offset,
+            kv_offset=kv_offset,
         )
 
     launch = _Launch(config(blocks.fwd), config(blocks.dq), config(blocks.dkv))
@@ -146,4 +160,7 @@ def mta_core_tpu(
     kvseg = jnp.broadcast_to(kv_segment_ids.astype(jnp.int32)[:, None, :], (batch, SUBLANES, kv_len))
     pre = None if pre_mix is None else _block_diagonal(pre_mix, group)
     post = None if post_mix is None else _block_diagonal(post_mix, group)
-    return _core(launch, qp, kp, v, band, qseg, kvseg, pre, post)
+    seeds = None
+    if dropout_rate:
+        seeds = jax.lax.bitcast_convert_type(dropout_seeds, jnp.int32).reshape(-1)  # SMEM, flat
+    return _core(launch, qp, kp, v, band, qseg, kvseg, pre, post, seeds)

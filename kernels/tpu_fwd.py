@@ -2,7 +2,8 @@
 
 Grid (B, H / G, q tiles, kv tiles), kv innermost. Without post_mix: online softmax with running max /
 sum / accumulator in VMEM scratch. With post_mix: a first pass computes the lse, a second one the
-normalised P, mixes it across the group and accumulates P V.
+normalised P, mixes it across the group and accumulates P V. Attention dropout (training) drops the
+weights that multiply V, after the post mix; the softmax sums count every weight.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def _fwd_online(r, cfg: Config, qi, ki):
     @pl.when(tc.should_run(cfg, qi, ki))
     def _run():
         _, z, visible, _ = tc.tile_scores(r, cfg, qi, ki)
+        keep = tc.dropout_keep(r, cfg, qi, ki) if "acc" in r else None
         for t in range(cfg.group):
             m_prev, l_prev = r["m"][t], r["l"][t]  # [bq, 128]
             m_next = jnp.maximum(m_prev, jnp.max(z[t], axis=1, keepdims=True))
@@ -40,8 +42,9 @@ def _fwd_online(r, cfg: Config, qi, ki):
             r["l"][t] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
             if "acc" in r:
                 v = r["v"][cfg.v_index(t)]
+                p_kept = p if keep is None else tc.drop([p], [keep[t]], cfg)[0]  # l counts every weight
                 pv = lax.dot_general(
-                    p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+                    p_kept.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
                 )
                 d = r["acc"].shape[-1]
                 r["acc"][t] = tc.to_lanes(alpha, d) * r["acc"][t] + pv
@@ -69,6 +72,7 @@ def _fwd_post(r, cfg: Config, qi, ki):
     def _run():
         _, z, visible, _ = tc.tile_scores(r, cfg, qi, ki)
         pf = tc.post_mix_tiles(tc.tile_probs(r, z, visible, cfg), r, cfg)
+        pf = tc.drop(pf, tc.dropout_keep(r, cfg, qi, ki), cfg)
         for t in range(cfg.group):
             v = r["v"][cfg.v_index(t)]
             r["out"][t] += lax.dot_general(
@@ -76,13 +80,13 @@ def _fwd_post(r, cfg: Config, qi, ki):
             )
 
 
-def forward(cfg: Config, qp, kp, v, band, qseg, kvseg, pre, post):
-    """Returns out [B, H, T, D] float32 and lse [B, H, T, 128]."""
+def forward(cfg: Config, qp, kp, v, band, qseg, kvseg, pre, post, seeds):
+    """Returns out [B, H, T, D] float32 and lse [B, H, T, 128] (of the undropped weights)."""
     batch, heads, _, q_len, _ = qp.shape
     dim = v.shape[-1]
     rows = (cfg.group, cfg.block_q)
     f32 = jnp.float32
-    inputs = tc.base_inputs(qp, kp, v, band, qseg, kvseg, pre, post)
+    inputs = tc.base_inputs(qp, kp, v, band, qseg, kvseg, pre, post, seeds)
     out_sds = jax.ShapeDtypeStruct((batch, heads, q_len, dim), f32)
     lse_sds = jax.ShapeDtypeStruct((batch, heads, q_len, LANES), f32)
     stats = {"m": ((*rows, LANES), f32), "l": ((*rows, LANES), f32)}
@@ -90,6 +94,8 @@ def forward(cfg: Config, qp, kp, v, band, qseg, kvseg, pre, post):
         outputs = {"out": out_sds, "lse": lse_sds}
         res = tc.run_kernel("fwd", _fwd_online, cfg, inputs, outputs, {**stats, "acc": ((*rows, dim), f32)})
         return res["out"], res["lse"]
-    lse = tc.run_kernel("lse", _fwd_online, cfg, {**inputs, "v": None}, {"lse": lse_sds}, stats)["lse"]
+    lse = tc.run_kernel(
+        "lse", _fwd_online, cfg, {**inputs, "v": None, "seeds": None}, {"lse": lse_sds}, stats
+    )["lse"]
     out = tc.run_kernel("fwd_post", _fwd_post, cfg, {**inputs, "lse": lse}, {"out": out_sds}, {})["out"]
     return out, lse

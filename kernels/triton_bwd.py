@@ -33,7 +33,7 @@ def _store_when(pred, store):
 
 
 def _dq_kernel(*refs, cfg: tc.Cfg):
-    names = ["q_ids", "kv_ids", "qp", "kp", "v", "band", "pre", "post", "dout", "lse", "delta_in"]
+    names = ["q_ids", "kv_ids", "qp", "kp", "v", "band", "pre", "post", "seeds", "dout", "lse", "delta_in"]
     names += ["dqp", "dband", "dpre", "dpost", "delta_out"]
     r = tc.unpack(cfg, refs, names)
     q_start = pl.program_id(0) * cfg.block_q
@@ -42,6 +42,7 @@ def _dq_kernel(*refs, cfg: tc.Cfg):
     first_chunk = True if cfg.num_chunks == 1 else chunk == 0
     q_ids = r["q_ids"][pl.ds(q_start, cfg.block_q)]
     pre, post = tc.load_mix(r["pre"]), tc.load_mix(r["post"])
+    seeds = tc.load_seeds(r["seeds"])
     kv_heads = [(head0 + h) // cfg.rep for h in range(cfg.group)]
     group = range(cfg.group)
     lse2 = [r["lse"][h] for h in group]
@@ -49,7 +50,8 @@ def _dq_kernel(*refs, cfg: tc.Cfg):
     load_q = tc.resident(cfg, lambda a, c: r["qp"][a, c])  # [bq, Dk]
 
     def recompute(t, in_band):
-        """Scores, probabilities, offsets and dP (before the post-mix transpose) of kv tile t."""
+        """Scores, probabilities, offsets and dPf (through the dropout, before the post-mix transpose)
+        of kv tile t."""
         k_start = t * cfg.block_k
         offs = tc.offsets(cfg, q_start, k_start)
         vis = tc.visible(cfg, q_ids, r["kv_ids"][pl.ds(k_start, cfg.block_k)], offs)
@@ -66,7 +68,7 @@ def _dq_kernel(*refs, cfg: tc.Cfg):
         for h in group:
             vt = r["v"][kv_heads[h], pl.ds(k_start, cfg.block_k), :]
             dpf.append(pltriton.dot(r["dout"][h].astype(vt.dtype), vt, trans_b=True))
-        return s, p, offs, dpf
+        return s, p, offs, tc.drop(dpf, tc.dropout_keep(cfg, seeds, q_start, k_start), cfg)
 
     end, band_lo, band_hi = tc.kv_tiles_for_q(cfg, q_start)
     if cfg.has_post:
@@ -137,12 +139,12 @@ def _dq_kernel(*refs, cfg: tc.Cfg):
         _store_when(first_chunk, store_dpre)
 
 
-def backward_dq(cfg: tc.Cfg, qp, kp, v, band, q_ids, kv_ids, pre, post, dout, lse2, out):
+def backward_dq(cfg: tc.Cfg, qp, kp, v, band, q_ids, kv_ids, pre, post, seeds, dout, lse2, out):
     """-> dqp, dband [B,H,T,W] or None, dpre [H/G,G,G] or None, dpost or None, delta [B,H,T]."""
     batch, heads = qp.shape[:2]
     g, bq, d, nc = cfg.group, cfg.block_q, v.shape[-1], cfg.num_chunks
     n_q = cfg.q_len // bq
-    specs, operands = common_specs(cfg, qp, kp, v, band, pre, post, q_tiled=True, chunks=nc)
+    specs, operands = common_specs(cfg, qp, kp, v, band, pre, post, seeds, q_tiled=True, chunks=nc)
     row_spec = pl.BlockSpec((None, g, bq), lambda i, b, h: (b, h // nc, i))
     specs += [pl.BlockSpec((None, g, bq, d), lambda i, b, h: (b, h // nc, i, 0)), row_spec]
     operands += [dout, lse2]
@@ -194,13 +196,15 @@ def _written_band(cfg: tc.Cfg, dband: jax.Array) -> jax.Array:
 
 
 def _dkv_kernel(*refs, cfg: tc.Cfg):
-    names = ["q_ids", "kv_ids", "qp", "kp", "v", "band", "pre", "post", "dout", "lse", "delta", "dkp", "dv"]
+    names = ["q_ids", "kv_ids", "qp", "kp", "v", "band", "pre", "post", "seeds", "dout", "lse", "delta"]
+    names += ["dkp", "dv"]
     r = tc.unpack(cfg, refs, names)
     k_start = pl.program_id(0) * cfg.block_k
     head0, chunk = tc.program_heads(cfg, cfg.num_chunks)
     slab0 = chunk * cfg.chunk
     kv_ids = r["kv_ids"][pl.ds(k_start, cfg.block_k)]
     pre, post = tc.load_mix(r["pre"]), tc.load_mix(r["post"])
+    seeds = tc.load_seeds(r["seeds"])
     group = range(cfg.group)
     v_rows = pl.ds(k_start, cfg.block_k)
     load_k = tc.resident(cfg, lambda a, c: r["kp"][a, c])  # [bk, Dk]
@@ -220,14 +224,15 @@ def _dkv_kernel(*refs, cfg: tc.Cfg):
         )
         zl = tc.softmax_tiles(s, pre, vis)
         p = [tc.probs(zl[h], r["lse"][h, rows], vis) for h in group]
-        pf = tc.apply_mix(p, post)
+        keep = tc.dropout_keep(cfg, seeds, q_start, k_start)
+        pf = tc.drop(tc.apply_mix(p, post), keep, cfg)
         dpf, new_dv = [], []
         for h in group:
             vt = r["v"][(head0 + h) // cfg.rep, v_rows, :]  # [bk, D]
             dout = r["dout"][h, rows, :].astype(vt.dtype)  # [bq, D]
             dpf.append(pltriton.dot(dout, vt, trans_b=True))
             new_dv.append(dv[h] + pltriton.dot(pf[h].astype(vt.dtype), dout, trans_a=True))
-        dp = tc.apply_mix_t(dpf, post)
+        dp = tc.apply_mix_t(tc.drop(dpf, keep, cfg), post)
         dz = [p[a] * (dp[a] - r["delta"][a, rows][:, None]) for a in group]
         ds = tc.apply_mix_t(dz, pre)
         new_dk = []
@@ -255,11 +260,11 @@ def _dkv_kernel(*refs, cfg: tc.Cfg):
     _store_when(True if cfg.num_chunks == 1 else chunk == 0, store_dv)
 
 
-def backward_dkv(cfg: tc.Cfg, qp, kp, v, band, q_ids, kv_ids, pre, post, dout, lse2, delta):
+def backward_dkv(cfg: tc.Cfg, qp, kp, v, band, q_ids, kv_ids, pre, post, seeds, dout, lse2, delta):
     """-> dkp [B,H,C,S,Dk], dv [B,Hkv,S,D]."""
     batch, heads = qp.shape[:2]
     g, bk, d, nc = cfg.group, cfg.block_k, v.shape[-1], cfg.num_chunks
-    specs, operands = common_specs(cfg, qp, kp, v, band, pre, post, q_tiled=False, chunks=nc)
+    specs, operands = common_specs(cfg, qp, kp, v, band, pre, post, seeds, q_tiled=False, chunks=nc)
     row_spec = pl.BlockSpec((None, g, cfg.q_len), lambda i, b, h: (b, h // nc, 0))
     specs += [pl.BlockSpec((None, g, cfg.q_len, d), lambda i, b, h: (b, h // nc, 0, 0)), row_spec, row_spec]
     operands += [dout, lse2, delta]

@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels.core_reference import MASK_VALUE
+from mta_jax import dropout
 
 LOG2E = math.log2(math.e)
 
@@ -100,6 +101,9 @@ class Cfg:
     has_post: bool
     rep: int  # H / Hkv
     interpret: bool
+    dropout_rate: float = 0.0  # attention dropout (0: none); the mask hashes mta_jax/dropout.py's way
+    q_offset: int = 0  # rows padded in front of the queries: row r is query position r - q_offset
+    kv_offset: int = 0  # the same for the keys
 
     @property
     def block_q(self) -> int:
@@ -194,7 +198,7 @@ def unpack(cfg: Cfg, refs, names: list[str]) -> dict:
     """Map a kernel's positional refs to names; names the configuration leaves out map to None."""
     present = {"band": cfg.width > 0, "pre": cfg.has_pre, "post": cfg.has_post}
     present.update({"dband": cfg.width > 0, "dpre": cfg.has_pre, "dpost": cfg.has_post})
-    present.update({"delta_in": not cfg.has_post, "delta_out": cfg.has_post})
+    present.update({"delta_in": not cfg.has_post, "delta_out": cfg.has_post, "seeds": cfg.dropout_rate > 0})
     out, it = {}, iter(refs)
     for name in names:
         out[name] = next(it) if present.get(name, True) else None
@@ -227,6 +231,34 @@ def apply_mix_t(tiles: list[jax.Array], mix) -> list[jax.Array]:
     if mix is None:
         return tiles
     return [sum(tiles[h] * mix[a][h] for h in range(len(tiles))) for a in range(len(tiles))]
+
+
+def load_seeds(ref) -> list[jax.Array] | None:
+    """[G] int32 block of dropout seeds (this batch row, the group's heads) -> G scalars."""
+    if ref is None:
+        return None
+    return [ref[h] for h in range(ref.shape[0])]
+
+
+def dropout_keep(cfg: Cfg, seeds, q_start, k_start) -> list[jax.Array] | None:
+    """Per head the [bq, bk] boolean keep mask of the tile at (q_start, k_start) (None without
+    dropout): mta_jax/dropout.py's hash of (seed, query position, key position)."""
+    if seeds is None:
+        return None
+    rows = q_start + jnp.arange(cfg.block_q, dtype=jnp.int32) - cfg.q_offset
+    cols = k_start + jnp.arange(cfg.block_k, dtype=jnp.int32) - cfg.kv_offset
+    return [
+        dropout.keep_bits(dropout.row_hash(seed, rows)[:, None], cols[None, :], cfg.dropout_rate)
+        for seed in seeds
+    ]
+
+
+def drop(tiles: list[jax.Array], keep, cfg: Cfg) -> list[jax.Array]:
+    """Inverted dropout of the G tiles (identity when keep is None)."""
+    if keep is None:
+        return tiles
+    scale = 1.0 / (1.0 - cfg.dropout_rate)
+    return [jnp.where(k, x * scale, 0.0) for x, k in zip(tiles, keep, strict=True)]
 
 
 def offsets(cfg: Cfg, q_start, k_start) -> jax.Array:

@@ -5,7 +5,8 @@ tiles up to the causal limit, recomputing the G score tiles (a loop over the C s
 correction (only on the kv tiles the band touches), the pre-softmax mix, the mask and an online softmax.
 Without post_mix P V accumulates in the same loop; with it a first loop finds each row's log-sum-exp
 and a second one mixes the normalised probabilities before P V. Probabilities use base 2 (log2(e)
-folded into the scores).
+folded into the scores). Attention dropout (training) drops the weights that multiply V, after the
+post mix; the softmax sums count every weight.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from kernels.core_reference import MASK_VALUE
 
 
 def _forward_kernel(*refs, cfg: tc.Cfg):
-    r = tc.unpack(cfg, refs, ["q_ids", "kv_ids", "qp", "kp", "v", "band", "pre", "post", "out", "lse"])
+    names = ["q_ids", "kv_ids", "qp", "kp", "v", "band", "pre", "post", "seeds", "out", "lse"]
+    r = tc.unpack(cfg, refs, names)
     q_start = pl.program_id(0) * cfg.block_q
     head0, _ = tc.program_heads(cfg)
     q_ids = r["q_ids"][pl.ds(q_start, cfg.block_q)]
     pre, post = tc.load_mix(r["pre"]), tc.load_mix(r["post"])
+    seeds = tc.load_seeds(r["seeds"])
     kv_heads = [(head0 + h) // cfg.rep for h in range(cfg.group)]
     group = range(cfg.group)
     load_q = tc.resident(cfg, lambda a, c: r["qp"][a, c])  # [bq, Dk]
@@ -50,6 +53,7 @@ def _forward_kernel(*refs, cfg: tc.Cfg):
     def stats_step(t, carry, in_band):
         """Online softmax over kv tile t: per head (running max, running sum[, unnormalised PV])."""
         zl, vis = logits(t, in_band)
+        keep = None if cfg.has_post else tc.dropout_keep(cfg, seeds, q_start, t * cfg.block_k)
         out = []
         for h in group:
             m, denom, *acc = carry[h]
@@ -59,7 +63,8 @@ def _forward_kernel(*refs, cfg: tc.Cfg):
             denom = corr * denom + jnp.sum(p, axis=1)
             if acc:  # without post_mix, PV is accumulated in the same pass
                 vt = load_v(h, t)
-                acc = [corr[:, None] * acc[0] + pltriton.dot(p.astype(vt.dtype), vt)]
+                p_kept = p if keep is None else tc.drop([p], [keep[h]], cfg)[0]  # denom counts every weight
+                acc = [corr[:, None] * acc[0] + pltriton.dot(p_kept.astype(vt.dtype), vt)]
             out.append((m_next, denom, *acc))
         return tuple(out)
 
@@ -83,6 +88,7 @@ def _forward_kernel(*refs, cfg: tc.Cfg):
     def pv_step(t, accs, in_band):
         zl, vis = logits(t, in_band)
         p = tc.apply_mix([tc.probs(zl[h], lse2[h], vis) for h in group], post)
+        p = tc.drop(p, tc.dropout_keep(cfg, seeds, q_start, t * cfg.block_k), cfg)
         out = []
         for h in group:
             vt = load_v(h, t)
@@ -94,8 +100,9 @@ def _forward_kernel(*refs, cfg: tc.Cfg):
         r["out"][h] = accs[h]
 
 
-def common_specs(cfg: tc.Cfg, qp, kp, v, band, pre, post, q_tiled: bool, chunks: int = 1):
-    """In-specs and operands for (q_ids, kv_ids, qp, kp, v, band, pre, post); grid (tile, B, H / G * chunks).
+def common_specs(cfg: tc.Cfg, qp, kp, v, band, pre, post, seeds, q_tiled: bool, chunks: int = 1):
+    """In-specs and operands for (q_ids, kv_ids, qp, kp, v, band, pre, post, seeds); grid (tile, B,
+    H / G * chunks). seeds [B, H] int32 (dropout) or None.
 
     q_tiled: the grid's first axis tiles the queries (forward, dQ) rather than the keys (dK/dV).
     """
@@ -132,14 +139,18 @@ def common_specs(cfg: tc.Cfg, qp, kp, v, band, pre, post, q_tiled: bool, chunks:
         if mix is not None:
             specs.append(pl.BlockSpec((None, g, g), lambda i, b, h: (group_of(h), 0, 0)))
             operands.append(mix)
+    if seeds is not None:
+        specs.append(pl.BlockSpec((None, g), lambda i, b, h: (b, group_of(h))))
+        operands.append(seeds)
     return specs, operands
 
 
-def forward(cfg: tc.Cfg, qp, kp, v, band, q_ids, kv_ids, pre, post):
-    """-> out [B, H, T, D] float32, lse2 [B, H, T] (base 2, 0 for rows without a visible key)."""
+def forward(cfg: tc.Cfg, qp, kp, v, band, q_ids, kv_ids, pre, post, seeds):
+    """-> out [B, H, T, D] float32, lse2 [B, H, T] (base 2, of the undropped weights; 0 for rows
+    without a visible key)."""
     batch, heads = qp.shape[:2]
     d = v.shape[-1]
-    specs, operands = common_specs(cfg, qp, kp, v, band, pre, post, q_tiled=True)
+    specs, operands = common_specs(cfg, qp, kp, v, band, pre, post, seeds, q_tiled=True)
     grid = (cfg.q_len // cfg.block_q, batch, heads // cfg.group)
     return pl.pallas_call(
         functools.partial(_forward_kernel, cfg=cfg),

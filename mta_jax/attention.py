@@ -187,7 +187,6 @@ def choose_implementation(
     kv_len: int,
     backend: str | None = None,
     *,
-    training_dropout: bool = False,
     dtype=None,
     head_dim: int | None = None,
 ) -> str:
@@ -198,9 +197,7 @@ def choose_implementation(
 
     backend = backend or jax.default_backend()
     accelerator = backend in ("gpu", "cuda", "tpu")
-    missing = unsupported_option(
-        cfg, training_dropout=training_dropout, dtype=dtype, head_dim=head_dim, platform=backend
-    )
+    missing = unsupported_option(cfg, dtype=dtype, head_dim=head_dim, platform=backend)
     if accelerator and missing is None:
         name, why = "pallas", "the fused kernels support this configuration"
     elif q_len * kv_len >= AUTO_BLOCKWISE_MIN_SCORES or accelerator:
@@ -223,9 +220,8 @@ def _auto_attention_core(q, k, v, params, cfg, *, dropout_rng, **options) -> jax
     def branch(platform: str):
         def run(q, k, v, params, target):
             name = choose_implementation(
-                cfg, q.shape[1], k.shape[1], platform,
-                training_dropout=dropout_rng is not None, dtype=q.dtype, head_dim=q.shape[-1],
-            )  # fmt: skip
+                cfg, q.shape[1], k.shape[1], platform, dtype=q.dtype, head_dim=q.shape[-1]
+            )
             extra = {"target": target} if name == "pallas" else {}
             return _CORES[name](q, k, v, params, cfg, dropout_rng=dropout_rng, **options, **extra)
 

@@ -81,9 +81,9 @@ def _compile_core(device, core, args: list, diff: list[int], **options) -> str:
         return jax.jit(gradients).trace(*args).lower().compile().as_text()
 
 
-@pytest.mark.parametrize("name", ["chunked-tiles-t<s"])
+@pytest.mark.parametrize("name", ["chunked-tiles-t<s", "dropout-pre2-post4-chunked"])
 def test_interpreted_triton_shapes_compile_for_h200(name):
-    from tests.test_triton_core import make_inputs
+    from tests.test_triton_core import dropout_options, make_inputs
 
     device = device_or_skip("h200")
     case = dict(TRITON_CASES[name])
@@ -92,6 +92,8 @@ def test_interpreted_triton_shapes_compile_for_h200(name):
     ]
     diff = [i for i in (0, 1, 2, 3, 6, 7) if args[i] is not None]
     options = {"causal": case["causal"]}
+    if case.get("dropout"):  # the in-kernel hash: int32 multiplies and logical shifts
+        options.update(dropout_options(0, case["dropout"], *args[0].shape[:2]))
     if case.get("blocks"):
         options["block_sizes"] = case["blocks"]
     else:
@@ -100,7 +102,9 @@ def test_interpreted_triton_shapes_compile_for_h200(name):
     assert text.count("__gpu$xla.gpu.triton") >= 3
 
 
-@pytest.mark.parametrize("name", ["pre2_post4_gqa", "own_tiles_pre2_post4"])
+@pytest.mark.parametrize(
+    "name", ["pre2_post4_gqa", "own_tiles_pre2_post4", "dropout_pre2_post4", "mix16_dropout"]
+)
 def test_interpreted_tpu_shapes_compile_for_v5e(name, rng):
     from tests.test_tpu_core import _inputs
 
@@ -113,5 +117,7 @@ def test_interpreted_tpu_shapes_compile_for_v5e(name, rng):
     diff = [i for i in (0, 1, 2, 3, 6, 7) if args[i] is not None]
     blocks = inputs.get("blocks")
     options = dict(block_sizes=blocks) if blocks else dict(block_q=128, block_k=128)
+    options["vmem_bytes"] = get_chip("v5e").vmem_bytes  # as kernels/ops.py passes it
+    options.update(inputs["dropout"])  # the in-kernel hash: int32 multiplies and logical shifts
     text = _compile_core(device, mta_core_tpu, args, diff, causal=inputs["causal"], **options)
     assert text.count("tpu_custom_call") >= 3

@@ -1,7 +1,11 @@
 """implementation="pallas" end to end (glue + kernels, interpreted on CPU) against the reference path."""
 
 import logging
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,16 +21,18 @@ from tests.helpers import random_mta_params, random_qkv, random_segment_ids
 MIXED = MTAConfig(pre_conv=(3, 5), pre_head_mix=2, post_head_mix=4)
 
 
-def _compare(rng, cfg, kernel, q_len, kv_len, num_kv_heads, packed, blocks):
-    q, k, v = random_qkv(rng, 1, q_len, 4, num_kv_heads, 16, kv_len=kv_len)
+def _compare(rng, cfg, kernel, q_len, kv_len, num_kv_heads, packed, blocks, batch=1):
+    q, k, v = random_qkv(rng, batch, q_len, 4, num_kv_heads, 16, kv_len=kv_len)
     params = random_mta_params(cfg, 4, 16, rng)
-    ids = random_segment_ids(rng, 1, q_len) if packed else None
+    ids = random_segment_ids(rng, batch, q_len) if packed else None
+    dropout_rng = jax.random.key(int(rng.integers(2**31))) if cfg.dropout_rate else None
 
     def run(core, **options):
         def f(q, k, v, params):
             return core(
-                q, k, v, params, cfg, q_segment_ids=ids, kv_segment_ids=ids, dropout_rng=None, **options
-            )
+                q, k, v, params, cfg, q_segment_ids=ids, kv_segment_ids=ids, dropout_rng=dropout_rng,
+                **options,
+            )  # fmt: skip
 
         return jax.vjp(jax.jit(f), q, k, v, params)
 
@@ -52,6 +58,59 @@ def test_tpu_kernel_packed_gqa(rng):
     _compare(rng, MIXED, "tpu", 40, 40, 2, packed=True, blocks=None)
 
 
+# Dropout in the kernels draws the reference path's mask: same batch rows, heads and (unpadded) positions.
+DROPPED = MTAConfig(pre_conv=(3, 5), pre_head_mix=2, post_head_mix=4, dropout_rate=0.3)
+
+
+def test_triton_kernel_dropout_is_the_reference_mask(rng):
+    _compare(rng, DROPPED, "triton", 40, 40, 2, packed=True, blocks=16, batch=2)
+
+
+def test_tpu_kernel_dropout_is_the_reference_mask(rng):
+    cfg = MTAConfig(pre_conv=(2, 3), dropout_rate=0.2)  # the online-softmax forward
+    _compare(rng, cfg, "tpu", 40, 72, 2, packed=False, blocks=None, batch=2)
+
+
+SHARDED_DROPOUT = """
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+import numpy as np
+from flax.core import spmd
+from mta_jax import attention
+from mta_jax.config import MTAConfig
+from tests.helpers import random_mta_params, random_qkv
+
+rng = np.random.default_rng({seed})
+cfg = MTAConfig(pre_conv=(2, 3), post_head_mix=2, dropout_rate=0.3)
+q, k, v = random_qkv(rng, 4, 24, 2, 2, 16)
+params = random_mta_params(cfg, 2, 16, rng)
+key = jax.random.key(3)
+def run(impl):
+    return jax.jit(lambda q, k, v: attention.multi_token_attention(
+        q, k, v, params, cfg, implementation=impl, deterministic=False, dropout_rng=key,
+        block_q=16, block_k=16,
+    ))(q, k, v)
+want = run("reference")
+mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+q, k, v = (jax.device_put(x, rows) for x in (q, k, v))
+with jax.set_mesh(mesh), spmd.logical_axis_rules([("batch", "data")]):
+    got = run("pallas")
+np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+print("ok")
+"""
+
+
+def test_dropout_mask_under_a_sharded_batch(seed):
+    """Under a 2-device mesh each device's batch rows draw the mask of their global index."""
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_DROPOUT.format(seed=seed)],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
 def test_through_multi_token_attention(rng):
     """The public function: per-head output stage on top, same signature as every path."""
     cfg = MTAConfig(pre_conv=(2, 3), group_norm=True, gate="scalar")
@@ -70,10 +129,9 @@ def test_through_multi_token_attention(rng):
     "cfg, option",
     [
         (MTAConfig(pre_conv=(3, 5), post_conv=(3, 5)), "post_conv=(3, 5)"),
-        (MTAConfig(pre_head_mix=8), "pre_head_mix=8"),
-        (MTAConfig(post_head_mix=8), "post_head_mix=8"),
+        (MTAConfig(pre_head_mix=24), "pre_head_mix=24 (head mixing in groups of more than 16)"),
+        (MTAConfig(post_head_mix=24), "post_head_mix=24"),
         (MTAConfig(pre_head_mix=2, post_head_mix=3), "pre_head_mix=2 with post_head_mix=3"),
-        (MTAConfig(pre_conv=(2, 3), dropout_rate=0.1), "dropout_rate=0.1"),
     ],
 )
 def test_unsupported_option_is_named(rng, cfg, option):
@@ -89,15 +147,16 @@ def test_unsupported_option_is_named(rng, cfg, option):
 def test_auto_on_accelerators(caplog, monkeypatch):
     monkeypatch.setattr(attention, "_announced", set())
     paper_full = MTAConfig(pre_conv=(6, 11), post_conv=(6, 11), pre_head_mix=16, post_head_mix=16)
+    paper_mix = MTAConfig(pre_head_mix=16, post_head_mix=16, group_norm=True, gate="scalar", dropout_rate=0.1)
     with caplog.at_level(logging.INFO, logger="mta_jax"):
         assert attention.choose_implementation(MIXED, 512, 512, backend="gpu") == "pallas"
         assert attention.choose_implementation(MIXED, 512, 512, backend="tpu") == "pallas"
         assert attention.choose_implementation(paper_full, 512, 512, backend="gpu") == "blockwise"
-        assert (
-            attention.choose_implementation(MIXED, 512, 512, backend="gpu", training_dropout=True)
-            == "blockwise"
-        )
-    assert "lack post_conv=(6, 11)" in caplog.records[2].getMessage()
+        assert attention.choose_implementation(paper_mix, 512, 512, backend="tpu") == "pallas"
+        assert attention.choose_implementation(paper_mix, 512, 512, backend="gpu") == "blockwise"
+    messages = [r.getMessage() for r in caplog.records]
+    assert "lack post_conv=(6, 11)" in messages[2]
+    assert "lack pre_head_mix=16 on gpu (head mixing in groups of more than 4)" in messages[3]
     assert unsupported_option(MIXED) is None
 
 

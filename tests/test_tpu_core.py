@@ -27,6 +27,18 @@ CASES = {
         heads=4, kv_heads=2, slabs=1, q_len=128, kv_len=256, width=2, causal=True, pre=2, post=4
     ),
 }
+# Attention dropout: with the online softmax (no post mix) and after the post mix.
+CASES["dropout_online_gqa"] = dict(
+    heads=2, kv_heads=1, slabs=2, q_len=128, kv_len=256, width=4, causal=True, dropout=0.4
+)
+CASES["dropout_pre2_post4"] = dict(
+    heads=4, kv_heads=2, slabs=1, q_len=128, kv_len=128, width=2, causal=False, pre=2, post=4, dropout=0.25
+)
+# The paper's mixing: all 16 heads before and after the softmax (4 kv heads), with dropout.
+CASES["mix16_dropout"] = dict(
+    heads=16, kv_heads=4, slabs=1, q_len=128, kv_len=128, width=3, causal=True, pre=16, post=16, batch=1,
+    dropout=0.1,
+)  # fmt: skip
 BF16_CASES = {
     "g1_noncausal_band": dict(heads=2, kv_heads=1, slabs=2, q_len=128, kv_len=128, width=5, causal=False),
     "pre_post_causal": dict(
@@ -42,7 +54,7 @@ def _segments(rng: np.random.Generator, batch: int, length: int) -> jax.Array:
 
 def _inputs(
     rng, heads, kv_heads, slabs, q_len, kv_len, causal, width=0, pre=0, post=0, batch=2, dk=16, dim=8,
-    blocks=None,
+    blocks=None, dropout=0.0,
 ):  # fmt: skip
     def normal(*shape, scale=0.5):
         return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
@@ -59,7 +71,18 @@ def _inputs(
         segs=(q_seg, kv_seg),
         causal=causal,
         blocks=blocks,
+        dropout=dropout_options(rng, dropout, batch, heads),
     )
+
+
+def dropout_options(rng, rate: float, batch: int, heads: int) -> dict:
+    """Keyword arguments for attention dropout at `rate` (none when 0): random seeds [B, H] and
+    front-padding offsets, so that the positions hashed are not the rows' indices."""
+    if not rate:
+        return {}
+    seeds = jnp.asarray(rng.integers(0, 2**32, (batch, heads), dtype=np.uint32))
+    offsets = rng.integers(0, 9, 2)
+    return dict(dropout_seeds=seeds, dropout_rate=rate, q_offset=int(offsets[0]), kv_offset=int(offsets[1]))
 
 
 # Each kernel its own tiles; dQ and dK/dV with query tiles under 128 rows.
@@ -92,10 +115,13 @@ def _check(inputs: dict, dtype, rtol: float) -> None:
             causal=causal,
             interpret=True,
             **tiles,
+            **inputs["dropout"],
         )
 
     def reference(qp, kp, v, band, pre_mix, post_mix):
-        return core_reference(qp, kp, v, band, q_seg, kv_seg, pre_mix, post_mix, causal=causal)[0]
+        return core_reference(
+            qp, kp, v, band, q_seg, kv_seg, pre_mix, post_mix, causal=causal, **inputs["dropout"]
+        )[0]
 
     batch, heads, _, q_len, _ = args[0].shape
     cotangent = jnp.asarray(

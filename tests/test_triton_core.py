@@ -68,13 +68,23 @@ def make_inputs(
     return qp, kp, v, band, q_ids, kv_ids, pre_mix, post_mix
 
 
-def reference_out(*args, causal):
+def reference_out(*args, **options):
     """core_reference's output only."""
-    return core_reference(*args, causal=causal)[0]
+    return core_reference(*args, **options)[0]
 
 
-def check(args, *, causal, block_q=16, block_k=16, rtol=1e-4, seed=0, blocks=None):
+def dropout_options(seed: int, rate: float, batch: int, heads: int) -> dict:
+    """Keyword arguments for attention dropout at `rate`: random seeds [B, H] and front-padding
+    offsets, so that the positions hashed are not the rows' indices."""
+    keys = jax.random.split(jax.random.key(seed + 7))
+    seeds = jax.random.bits(keys[0], (batch, heads), jnp.uint32)
+    q_offset, kv_offset = (int(x) for x in jax.random.randint(keys[1], (2,), 0, 9))
+    return dict(dropout_seeds=seeds, dropout_rate=rate, q_offset=q_offset, kv_offset=kv_offset)
+
+
+def check(args, *, causal, block_q=16, block_k=16, rtol=1e-4, seed=0, blocks=None, dropout=0.0):
     """Compare the values and the VJP of a random cotangent with core_reference (one compile for both)."""
+    drop = dropout_options(seed, dropout, *args[0].shape[:2]) if dropout else {}
     diff = [i for i in DIFF_ARGS if args[i] is not None]
 
     def value_and_vjp(fn, dargs, cot):
@@ -82,7 +92,7 @@ def check(args, *, causal, block_q=16, block_k=16, rtol=1e-4, seed=0, blocks=Non
             full = list(args)
             for i, a in zip(diff, dargs, strict=True):
                 full[i] = a
-            return fn(*full, causal=causal)
+            return fn(*full, causal=causal, **drop)
 
         out, vjp = jax.vjp(partial_fn, *dargs)
         return out, vjp(cot)
@@ -155,7 +165,28 @@ CASES["chunked-tiles-t<s"] = dict(
 )
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# Attention dropout: with the online softmax (no post mix), after the post mix, with slab chunks.
+CASES["dropout-online-gqa"] = dict(
+    causal=True, dropout=0.4, kw=dict(heads=2, kv_heads=1, q_len=32, kv_len=64, width=5)
+)
+CASES["dropout-pre2-post4-chunked"] = dict(
+    causal=False, dropout=0.25, blocks=CHUNKED,
+    kw=dict(heads=4, kv_heads=2, slabs=2, q_len=64, kv_len=64, width=None, pre=2, post=4),
+)  # fmt: skip
+# The paper's mixing: all 16 heads before and after the softmax (4 kv heads), with dropout.
+CASES["mix16-dropout"] = dict(
+    causal=True, dropout=0.1,
+    kw=dict(heads=16, kv_heads=4, slabs=2, q_len=32, kv_len=32, width=3, pre=16, post=16),
+)  # fmt: skip
+
+
+# Minutes interpreted (256 unrolled mixing products per tile); GPU "auto" does not fuse groups of 16.
+SLOW_CASES = {"mix16-dropout"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_CASES else n for n in CASES]
+)
 def test_matches_reference(seed, name):
     case = dict(CASES[name])
     check(make_inputs(seed, **case.pop("kw")), seed=seed, **case)

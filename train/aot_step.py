@@ -22,7 +22,7 @@ import numpy as np
 from kernels import aot
 from kernels.chips import Chip, Pod
 from mta_jax.attention import choose_implementation
-from mta_jax.config import MTAConfig, ModelConfig
+from mta_jax.config import ModelConfig, MTAConfig
 from train import flops as flops_lib
 from train.config import TrainConfig
 from train.loop import check_batch_layout
@@ -85,7 +85,9 @@ def memory(compiled) -> dict[str, int]:
         "temp": analysis.temp_size_in_bytes,
         "code": analysis.generated_code_size_in_bytes,
     }
-    fields["peak"] = fields["arguments"] + fields["outputs"] - fields["aliased"] + fields["temp"] + fields["code"]
+    fields["peak"] = (
+        fields["arguments"] + fields["outputs"] - fields["aliased"] + fields["temp"] + fields["code"]
+    )
     return {name: int(value) for name, value in fields.items()}
 
 
@@ -94,7 +96,10 @@ def cost(compiled) -> dict[str, float]:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list | tuple):
         analysis = analysis[0] if analysis else {}
-    return {"flops": float(analysis.get("flops", 0.0)), "bytes_accessed": float(analysis.get("bytes accessed", 0.0))}
+    return {
+        "flops": float(analysis.get("flops", 0.0)),
+        "bytes_accessed": float(analysis.get("bytes accessed", 0.0)),
+    }
 
 
 def attention_paths(model: ModelConfig, seq_len: int, platform: str) -> dict[str, list[int]]:
@@ -106,9 +111,8 @@ def attention_paths(model: ModelConfig, seq_len: int, platform: str) -> dict[str
         name = model.attention_implementation
         if name == "auto":
             name = choose_implementation(
-                mta, seq_len, seq_len, platform,
-                training_dropout=mta.dropout_rate > 0, dtype=model.dtype, head_dim=model.head_dim,
-            )  # fmt: skip
+                mta, seq_len, seq_len, platform, dtype=model.dtype, head_dim=model.head_dim
+            )
         paths.setdefault(name, []).append(layer)
     return paths
 
