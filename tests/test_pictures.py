@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -286,3 +287,21 @@ def test_errors_name_the_argument(tmp_path, rng, capsys):
 def test_toy_text_gets_a_bos_unless_it_has_one():
     assert toy.decode(ToyTokens().encode("ab#a")) == "^ab#a"
     assert toy.decode(ToyTokens().encode("^ab#a")) == "^ab#a"
+
+
+def test_drawing_does_not_import_pictures():
+    """pictures.py imports drawing.py; drawing.py (PictureInput included) must not import it back, not
+    even for type checking, so that neither module needs the other to be loaded first."""
+    import ast
+
+    from train import drawing, pictures
+
+    tree = ast.parse(Path(drawing.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert "train.pictures" not in imported
+    assert pictures.PictureInput is drawing.PictureInput

@@ -15,10 +15,18 @@ from mta_jax.params import key_padding
 
 if TYPE_CHECKING:
     from train.attention_maps import AttentionMaps
-    from train.pictures import PictureInput
 
 
 LABELLED_MAX_TOKENS = 64  # token labels on the attention maps' axes up to this many tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class PictureInput:
+    """The token sequence to draw attention maps for: ids int32 [T], one label per token, and a note."""
+
+    ids: np.ndarray
+    labels: list[str]
+    note: str
 
 
 def _pyplot():

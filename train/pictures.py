@@ -19,7 +19,6 @@ Without --text a toy-task checkpoint draws a held-out toy sample (--toy-sample, 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,18 +30,9 @@ import numpy as np
 
 from train import toy
 from train.attention_maps import model_attention_maps
-from train.drawing import draw_attention, draw_head_mix, draw_kernels
+from train.drawing import PictureInput, draw_attention, draw_head_mix, draw_kernels
 
 PARAM_DIR_TOY_SEQ_LEN = 64  # toy samples for a parameter directory (no data config): this row length
-
-
-@dataclasses.dataclass(frozen=True)
-class PictureInput:
-    """The token sequence to draw attention maps for: ids int32 [T], one label per token, and a note."""
-
-    ids: np.ndarray
-    labels: list[str]
-    note: str
 
 
 class ToyTokens:
