@@ -311,6 +311,11 @@ def test_perplexity_and_lambada_cli_end_to_end(byte_checkpoint, tmp_path, capsys
 
     assert ev.main(["lambada", "--file", str(tmp_path / "missing.jsonl"), *args]) == 2
     assert "missing.jsonl' is invalid: no such file" in capsys.readouterr().err
+    # --text is named as the flag the user gave, not as the data config field it is read through
+    assert ev.main(["perplexity", "--text", str(tmp_path / "missing.txt"), *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: --text='.*missing.txt' is invalid: no such file or directory", err), err
+    assert "data.path" not in err
 
 
 def test_needles_cli_on_a_text_model(byte_checkpoint, tmp_path, capsys):

@@ -81,7 +81,8 @@ def _documents(args, data_cfg) -> list[str]:
     from train.data import DataConfig, read_documents, split_documents
 
     if args.text is not None:
-        return read_documents(DataConfig(kind="text", path=args.text, doc_separator=args.doc_separator))
+        cfg = DataConfig(kind="text", path=args.text, doc_separator=args.doc_separator)
+        return read_documents(cfg, name="--text")
     if data_cfg is not None and data_cfg.kind == "text":
         return split_documents(data_cfg)[1]
     raise invalid(
