@@ -23,6 +23,14 @@ def _error(field: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{field}={value!r} is invalid: {allowed}")
 
 
+def _within(section: str, error: ValueError) -> ValueError:
+    """error with its field prefixed by `section.` (unless the message already starts with the section)."""
+    message = str(error)
+    if message.startswith((f"{section}=", f"{section}.")):
+        return error
+    return ValueError(f"{section}.{message}")
+
+
 def check_positive_int(field: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _error(field, value, "must be a positive integer")
@@ -206,12 +214,15 @@ class ModelConfig:
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
                 raise _error(field, getattr(self, field), "must be float32, bfloat16 or float16")
-        if isinstance(self.mta, Mapping):
-            object.__setattr__(self, "mta", mta_config_from_dict(self.mta))
-        if self.mta is not None:
-            if not isinstance(self.mta, MTAConfig):
-                raise _error("mta", self.mta, "must be an MTAConfig, a mapping or None")
-            self.mta.check_heads(self.num_heads, self.num_kv_heads)
+        try:  # an error of the mta section names its field as mta.<field>
+            if isinstance(self.mta, Mapping):
+                object.__setattr__(self, "mta", mta_config_from_dict(self.mta))
+            if self.mta is not None:
+                if not isinstance(self.mta, MTAConfig):
+                    raise _error("mta", self.mta, "must be an MTAConfig, a mapping or None")
+                self.mta.check_heads(self.num_heads, self.num_kv_heads)
+        except ValueError as error:
+            raise _within("mta", error) from None
         if self.kq_conv_layers is not None:
             layers = tuple(self.kq_conv_layers)
             for index in layers:

@@ -34,6 +34,26 @@ FUNCTION_CHANGING = {
 }
 
 
+class FunctionChangeError(ValueError):
+    """add_mta refuses MTA options that change the model's output; `option` names what accepts them
+    (a command line says its own flag: error.for_option("--allow-function-change"))."""
+
+    def __init__(self, mta: MTAConfig, parts: Sequence[str], option: str = "allow_function_change=True"):
+        self.mta, self.parts, self.option = mta, list(parts), option
+        super().__init__(
+            f"mta={mta!r} is invalid for a conversion that keeps the logits: {', '.join(parts)} change the "
+            f"model's output at initialisation ({_reasons(parts)}). Leave them out, or pass {option} to "
+            "accept a converted model that differs from the baseline"
+        )
+
+    def for_option(self, option: str) -> FunctionChangeError:
+        return FunctionChangeError(self.mta, self.parts, option)
+
+
+def _reasons(parts: Sequence[str]) -> str:
+    return "; ".join(f"{name}: {FUNCTION_CHANGING[name]}" for name in parts)
+
+
 def function_changing_parts(mta: MTAConfig) -> list[str]:
     """The names of the options of `mta` that make the converted model differ from the baseline."""
     parts = [name for name in ("group_norm", "depth_scaling") if getattr(mta, name)]
@@ -73,13 +93,9 @@ def add_mta(
     kq_conv_layers = _check_layers(kq_conv_layers, cfg.num_layers, mta)
     changing = function_changing_parts(mta)
     if changing:
-        reasons = "; ".join(f"{name}: {FUNCTION_CHANGING[name]}" for name in changing)
         if not allow_function_change:
-            raise ValueError(
-                f"mta={mta!r} is invalid for a conversion that keeps the logits: {', '.join(changing)} "
-                f"change the model's output at initialisation ({reasons}). Leave them out, or pass "
-                "allow_function_change=True to accept a converted model that differs from the baseline"
-            )
+            raise FunctionChangeError(mta, changing)
+        reasons = _reasons(changing)
         log.warning("add_mta: the converted model's output differs from the baseline's (%s)", reasons)
     _check_baseline_params(cfg, params)
 

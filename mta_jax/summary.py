@@ -1,10 +1,11 @@
 """Describe a model config and, optionally, run it: `python -m mta_jax.summary --config PATH`.
 
-Prints the architecture, which layers get the key-query convolution and the parameter count
-(counted on abstract shapes, nothing allocated). With --steps N it also builds the model and takes
-N AdamW steps on byte-level text (--data; by default ../shared/data/tinyshakespeare.txt, or this
-package's own source where that file is absent), printing the loss: a smoke run of the whole stack
-on this machine, not the training loop.
+PATH is a model config (configs/models/*.yaml) or a train config (configs/train/*.yaml: its `model:`
+section, resolved as training resolves it). Prints the architecture, which layers get the key-query
+convolution and the parameter count (counted on abstract shapes, nothing allocated). With --steps N it
+also builds the model and takes N AdamW steps on byte-level text (--data; by default
+../shared/data/tinyshakespeare.txt, or this package's own source where that file is absent), printing
+the loss: a smoke run of the whole stack on this machine, not the training loop.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mta_jax.config import ModelConfig, load_model_config
+from mta_jax.config import ModelConfig, model_config_from_dict
 from mta_jax.model import MTATransformer, count_params
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
@@ -52,6 +53,32 @@ def describe(cfg: ModelConfig) -> list[str]:
         "MTA: " + ", ".join(p for p in parts if p),
         "layers with the key-query conv: " + (", ".join(map(str, kq_layers)) or "none"),
     ]
+
+
+def load_config(path: str | Path) -> tuple[ModelConfig, str]:
+    """(ModelConfig, what the file is) of a model config file or of a train config's `model:` section."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config={str(path)!r} is invalid: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"config={str(path)!r} is invalid: malformed YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config={str(path)!r} is invalid: the file must hold a mapping")
+    if "model" in data:  # no ModelConfig field is called model: a train config
+        from train.config import load_train_config
+
+        return load_train_config(path).model, "the model section of a train config"
+    try:
+        return model_config_from_dict(data), "a model config"
+    except TypeError as error:  # a required field is missing
+        raise ValueError(f"config={str(path)!r} is invalid: {error}") from None
 
 
 def default_text() -> tuple[bytes, str]:
@@ -108,7 +135,9 @@ def smoke_train(cfg: ModelConfig, steps: int, batch: int, seq_len: int, text: by
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="model YAML, e.g. configs/models/880M_mta.yaml")
+    parser.add_argument(
+        "--config", required=True, help="model or train YAML, e.g. configs/models/880M_mta.yaml"
+    )
     parser.add_argument("--steps", type=int, default=0, help="AdamW steps of the smoke run (0: none)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
@@ -117,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    cfg = load_model_config(args.config)
-    print(f"model {args.config}")
+    try:
+        cfg, kind = load_config(args.config)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"model {args.config} ({kind})")
     for line in describe(cfg):
         print("  " + line)
     total = count_params(cfg)

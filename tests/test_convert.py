@@ -114,7 +114,7 @@ def test_identity_kernels_sit_on_the_current_query_and_key(rng):
 def test_bad_conversions_are_refused_with_their_reason(rng):
     params = random_params(BASE, rng)
     with pytest.raises(
-        ValueError, match=r"group_norm, gate change the model's output.*allow_function_change"
+        ValueError, match=r"group_norm, gate change the model's output.*pass allow_function_change=True to"
     ):
         add_mta(BASE, params, dict(pre_conv=(2, 3), group_norm=True, gate="scalar"))
     with pytest.raises(ValueError, match=r"depth_scaling change.* 1 - lambda_init"):
@@ -237,12 +237,21 @@ def test_cli_reports_bad_requests(tmp_path, rng, capsys):
     source = str(tmp_path / "baseline")
     gate = '{"pre_conv": [2, 3], "gate": "scalar"}'
     assert convert_main(["add-mta", "--from", source, "--to", str(tmp_path / "o"), "--mta", gate]) == 2
-    assert "error: mta=" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the command line's flag, not add_mta's keyword
+    assert "error: mta=" in err and "pass --allow-function-change to accept" in err
+    assert "allow_function_change=True" not in err
     assert not (tmp_path / "o").exists()
     args = ["add-mta", "--from", source, "--to", str(tmp_path / "o"), "--mta", "{pre_conv: [2, 3]}"]
     assert convert_main([*args, "--kq-conv-layers", "1,x"]) == 2
     assert "--kq-conv-layers='1,x' is invalid" in capsys.readouterr().err
-    assert convert_main([*args, "--kq-conv-layers", "1"]) == 0
+    assert convert_main(args) == 0
+    assert load_params(tmp_path / "o")[0].kq_conv_layers is None
+    layer_1 = [*args, "--kq-conv-layers", "1"]
+    assert convert_main(layer_1) == 2  # parameters there: the flag that replaces them, not the keyword
+    err = capsys.readouterr().err
+    assert "already holds parameters; pass --overwrite to replace them" in err and "overwrite=True" not in err
+    assert load_params(tmp_path / "o")[0].kq_conv_layers is None
+    assert convert_main([*layer_1, "--overwrite"]) == 0
     assert load_params(tmp_path / "o")[0].kq_conv_layers == (1,)
     assert convert_main(["export-llama", "--from", str(tmp_path / "o"), "--to", str(tmp_path / "hf")]) == 2
     assert "no place for the MTA parameters layers/1/attention/pre_conv" in capsys.readouterr().err

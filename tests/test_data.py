@@ -2,6 +2,7 @@
 
 import collections
 import json
+import re
 
 import grain
 import numpy as np
@@ -143,13 +144,23 @@ def test_config_valid():
     data.DataConfig(kind="toy", seq_len=16, toy_answer="last")
 
 
+def test_a_missing_relative_path_names_the_directory_it_was_looked_for_in(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    where = re.escape(f"(relative: resolved against the working directory {tmp_path})")
+    cases = [("corpus/nope.txt", "no such file or directory"), ("*.md", "the glob matches no files")]
+    for path, rule in cases:
+        message = f"^data.path={re.escape(repr(path))} is invalid: {rule} {where}$"
+        with pytest.raises(ValueError, match=message):
+            data.train_iterator(text_cfg(path), 4, seed=0)
+
+
 def test_path_errors(tmp_path):
     def fails(path, match, **kw):
         with pytest.raises(ValueError, match=match):
             data.train_iterator(text_cfg(path, **kw), 4, seed=0)
 
     fails("", "data.path='' is invalid: empty")
-    fails(str(tmp_path / "nope.txt"), "data.path='.*nope.txt' is invalid: no such file or directory")
+    fails(str(tmp_path / "nope.txt"), "data.path='.*nope.txt' is invalid: no such file or directory$")
     fails(str(tmp_path), "is invalid: the directory holds no \\*.txt files")
     fails(str(tmp_path / "*.md"), "is invalid: the glob matches no files")
     (tmp_path / "empty.txt").write_text("")

@@ -311,6 +311,11 @@ def test_perplexity_and_lambada_cli_end_to_end(byte_checkpoint, tmp_path, capsys
 
     assert ev.main(["lambada", "--file", str(tmp_path / "missing.jsonl"), *args]) == 2
     assert "missing.jsonl' is invalid: no such file" in capsys.readouterr().err
+    # --text is named as the flag the user gave, not as the data config field it is read through
+    assert ev.main(["perplexity", "--text", str(tmp_path / "missing.txt"), *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: --text='.*missing.txt' is invalid: no such file or directory", err), err
+    assert "data.path" not in err
 
 
 def test_needles_cli_on_a_text_model(byte_checkpoint, tmp_path, capsys):
@@ -353,22 +358,35 @@ def fake_run_dir(directory, raw: dict):
     return directory
 
 
-def test_perplexity_defaults_to_the_held_out_documents_of_a_text_run(tmp_path):
+def test_perplexity_defaults_to_the_held_out_documents_of_a_text_run(tmp_path, capsys):
     """data.eval_fraction 0.5 of the 4 documents of heldout_tiny.txt: the last 2 are scored, with the
-    run's tokenizer (bytes): every byte and one EOS per document."""
+    run's tokenizer (bytes): every byte and one EOS per document, in windows of the run's data.seq_len
+    unless --seq-len says otherwise; the printout says what was scored and what it compares with."""
     data = {"kind": "text", "path": str(DATA / "heldout_tiny.txt"), "eval_fraction": 0.5, "seq_len": 64}
     run = fake_run_dir(tmp_path / "run", {**NEEDLE_RUN, "model": {**TINY_LM, "vocab_size": V}, "data": data})
     out = tmp_path / "ppl.json"
-    assert (
-        ev.main(
-            ["perplexity", "--checkpoint", str(run), "--seq-len", "64", "--batch", "4", "--output", str(out)]
-        )
-        == 0
-    )
+    argv = ["perplexity", "--checkpoint", str(run), "--batch", "4", "--output", str(out)]
     held_out = (DATA / "heldout_tiny.txt").read_text().split("\n\n")[-2:]
+    for extra, seq_len in [([], 64), (["--seq-len", "32"], 32)]:  # an explicit --seq-len wins
+        assert ev.main([*argv, *extra]) == 0
+        result = json.loads(out.read_text())
+        assert result["documents"] == 2 and result["bytes"] == sum(len(d.encode()) for d in held_out)
+        assert result["tokens"] == result["bytes"] + 2
+        assert result["seq_len"] == result["stride"] == seq_len
+        assert result["windows"] == sum(-(-(len(d.encode()) + 1) // seq_len) for d in held_out)
+        printed = capsys.readouterr().out
+        scored = printed.splitlines()[0]
+        assert scored.startswith(f"scored: {result['tokens']} tokens of 2 documents of the run's held-out")
+        assert f"in {result['windows']} windows of seq_len {seq_len} (" in scored
+        assert "comparable to a loss of the run only on the same documents at the same seq_len" in printed
+        assert ("at its data.seq_len=64, as its eval loss" in printed) == (seq_len == 64), printed
+    assert "held-out documents, but at seq_len 32, not its data.seq_len=64" in printed
+    assert result["seq_len_from"] == "--seq-len"
+    # lambada: contexts are cut to the run's data.seq_len too (it was trained at that length)
+    assert ev.main(["lambada", "--file", str(DATA / "lambada_tiny.jsonl"), *argv[1:]]) == 0
     result = json.loads(out.read_text())
-    assert result["documents"] == 2 and result["bytes"] == sum(len(d.encode()) for d in held_out)
-    assert result["tokens"] == result["bytes"] + 2
+    assert result["examples"] == 6 and result["seq_len"] == 64
+    assert result["seq_len_from"] == "the run's data.seq_len"
 
 
 def test_needles_cli_on_a_synthetic_run(tmp_path, capsys):

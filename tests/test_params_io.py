@@ -67,7 +67,7 @@ def test_bad_paths_steps_and_shapes_are_named(trained, tmp_path):
     with pytest.raises(ValueError, match="missing layers/1/attention/pre_conv "):
         save_params(tmp_path / "p", cfg, params)
     save_params(tmp_path / "q", *load_params(trained / "a"))
-    with pytest.raises(ValueError, match="already holds parameters"):
+    with pytest.raises(ValueError, match="already holds parameters; pass overwrite=True to replace them"):
         save_params(tmp_path / "q", *load_params(trained / "a"))
 
 

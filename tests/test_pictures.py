@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ from mta_jax.model import MTATransformer
 from mta_jax.params import MTAParams
 from tests.helpers import random_mta_params
 from tests.loops import conv_loop, mix_loop, softmax_rows
+from tests.train_helpers import ROOT
 from train import toy
 from train.attention_maps import (
     attention_inputs,
@@ -27,9 +30,10 @@ from train.attention_maps import (
 )
 from train.config import TrainConfig, dump
 from train.data import TOY_EVAL_START, DataConfig
-from train.params_io import save_params
+from train.params_io import load_params, save_params
 from train.pictures import ToyTokens, choose_tokens, main, parse_indices, picture_input
 
+DATA = ROOT / "tests" / "data"
 # Every MTA part on; the key-query conv only in layer 1, so layer 0 has head mixing alone.
 FULL = ModelConfig(
     vocab_size=31,
@@ -169,12 +173,12 @@ def _parameter_dir(directory, cfg, rng, *, random_mta=True):
     return save_params(directory, cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-def _run_dir(directory, cfg, rng, step, seed):
+def _run_dir(directory, cfg, rng, step, seed, data=None):
     """A training run directory as train/loop.py leaves it: config.yaml and checkpoints/<step>/state."""
     from train.checkpoint import CheckpointConfig, Checkpointer
 
     model = _model(cfg, rng)
-    data = DataConfig(kind="toy", seq_len=24, toy_block_size=3)
+    data = DataConfig(kind="toy", seq_len=24, toy_block_size=3) if data is None else data
     directory.mkdir()
     (directory / "config.yaml").write_text(dump(TrainConfig(model=cfg, data=data, seed=seed)))
     with Checkpointer(directory / "checkpoints", CheckpointConfig(async_save=False)) as checkpointer:
@@ -190,9 +194,25 @@ def _check_png(path, min_side=150, max_side=4000):
     return pixels.shape
 
 
-def test_cli_draws_kernels_head_mixing_and_attention_maps(tmp_path, rng, capsys):
+def _record_colour_scales(monkeypatch) -> dict[str, set]:
+    """{file name: {(colour map, (vmin, vmax)) of each heatmap}}, filled as train.drawing saves figures."""
+    from train import drawing
+
+    scales, save = {}, drawing._save
+
+    def record(fig, plt, title, path):
+        images = [image for ax in fig.axes for image in ax.get_images()]
+        scales[Path(path).name] = {(image.get_cmap().name, tuple(image.get_clim())) for image in images}
+        save(fig, plt, title, path)
+
+    monkeypatch.setattr(drawing, "_save", record)
+    return scales
+
+
+def test_cli_draws_kernels_head_mixing_and_attention_maps(tmp_path, rng, capsys, monkeypatch):
     checkpoint = _parameter_dir(tmp_path / "params", FULL, rng)
     out = tmp_path / "pictures"
+    scales = _record_colour_scales(monkeypatch)
     assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--text", "abc.dbe#ab"]) == 0
     index = json.loads((out / "index.json").read_text())
     names = [entry["file"] for entry in index["files"]]
@@ -206,6 +226,19 @@ def test_cli_draws_kernels_head_mixing_and_attention_maps(tmp_path, rng, capsys)
     assert 1.5 < shapes["attention_layer1.png"][0] / shapes["attention_layer1.png"][1] < 2.5
     assert all(p.stat().st_size < 300_000 for p in out.iterdir())
     assert "kernels_pre.png" in capsys.readouterr().out
+    # one colour map and one scale per figure; the kernels' and head mixing's symmetric about 0 and as
+    # wide as the largest drawn entry (random MTA parameters: each head's own range differs)
+    assert set(scales) == set(names) and all(len(scale) == 1 for scale in scales.values()), scales
+    layers = load_params(checkpoint)[1]["layers"]
+    mixes = [layers[i]["attention"][f"{kind}_head_mix"] for i in (0, 1) for kind in ("pre", "post")]
+    for name, values in [
+        ("kernels_pre.png", [layers[1]["attention"]["pre_conv"]]),
+        ("kernels_post.png", [layers[1]["attention"]["post_conv"]]),
+        ("head_mix.png", mixes),
+    ]:
+        [(cmap, (low, high))] = scales[name]
+        limit = max(float(np.abs(np.asarray(v)).max()) for v in values)
+        assert cmap == "RdBu_r" and low == -high and high == pytest.approx(limit, rel=1e-6), name
 
 
 def test_cli_draws_a_toy_sample_of_a_run_directory_for_chosen_layers_and_heads(tmp_path, rng):
@@ -222,6 +255,22 @@ def test_cli_draws_a_toy_sample_of_a_run_directory_for_chosen_layers_and_heads(t
     assert width > height  # one kernel of 3 x 5 taps
     height, width = _check_png(out / "attention_layer1.png")[:2]
     assert height < 0.8 * width  # one row (head) of two panels
+
+
+def test_a_text_run_draws_its_first_held_out_document_without_text(tmp_path, rng):
+    """--text defaults to the run's own text: the first held-out document of data.path (eval_fraction 0.5
+    of the 4 documents of heldout_tiny.txt: the third), cut to --max-tokens."""
+    path = str(DATA / "heldout_tiny.txt")
+    data = DataConfig(kind="text", path=path, eval_fraction=0.5, seq_len=32)
+    cfg = dataclasses.replace(PRE_CONV_ONLY, vocab_size=259)  # bytes, BOS, EOS, pad
+    run = _run_dir(tmp_path / "run", cfg, rng, step=2, seed=0, data=data)
+    out = tmp_path / "pictures"
+    assert main(["--checkpoint", str(run), "--out", str(out), "--layers", "1", "--max-tokens", "12"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    document = (DATA / "heldout_tiny.txt").read_text().split("\n\n")[2]
+    assert index["input"].startswith(f"held-out document 0 of data.path={path}: {document}")
+    assert index["input"].endswith(f" (first 12 of {len(document.encode()) + 2} tokens)")
+    assert index["tokens"] == ["<s>", *document[:11].replace(" ", "\u2423")]
 
 
 def test_cli_on_a_baseline_draws_attention_and_says_there_are_no_kernels(tmp_path, rng, capsys):
@@ -275,7 +324,7 @@ def test_errors_name_the_argument(tmp_path, rng, capsys):
         ValueError, match="text='ab' is invalid: token id 257 is outside the model's vocab_size=31"
     ):
         make(text="ab", tokens=byte_tokens)
-    with pytest.raises(ValueError, match="text=None is invalid: the checkpoint is not a toy-task model"):
+    with pytest.raises(ValueError, match="text=None is invalid: the checkpoint is neither a toy-task model"):
         make(tokens=byte_tokens)
     with pytest.raises(
         ValueError, match="tokenizer=None is invalid: .* vocab_size=1000 and no tokenizer.json"
@@ -286,3 +335,21 @@ def test_errors_name_the_argument(tmp_path, rng, capsys):
 def test_toy_text_gets_a_bos_unless_it_has_one():
     assert toy.decode(ToyTokens().encode("ab#a")) == "^ab#a"
     assert toy.decode(ToyTokens().encode("^ab#a")) == "^ab#a"
+
+
+def test_drawing_does_not_import_pictures():
+    """pictures.py imports drawing.py; drawing.py (PictureInput included) must not import it back, not
+    even for type checking, so that neither module needs the other to be loaded first."""
+    import ast
+
+    from train import drawing, pictures
+
+    tree = ast.parse(Path(drawing.__file__).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert "train.pictures" not in imported
+    assert pictures.PictureInput is drawing.PictureInput

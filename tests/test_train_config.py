@@ -96,7 +96,11 @@ def test_the_dumped_config_loads_back_equal(tmp_path):
         (["mesh.data=-1", "mesh.fsdp=-1"], r"at most one axis may be -1"),
         (["data.kind=video"], r"data.kind='video' is invalid"),
         (["model.dim=-4"], r"dim=-4 is invalid"),
-        (["model.mta.pre_conv=[2]"], r"pre_conv"),
+        # the full dotted path of a field of the model's mta section
+        (["model.mta.pre_conv=[2]"], r"^model\.mta\.pre_conv=\[2\] is invalid: must be None or a pair"),
+        (["model.mta.pre_conv=[2, 4]"], r"^model\.mta\.pre_conv\[1\] \(c_k\)=4 is invalid: must be odd"),
+        (["model.mta.pre_head_mix=3"], r"^model\.mta\.pre_head_mix=3 is invalid: must divide num_heads=4"),
+        (["model.mta.kernel=3"], r"^model\.mta=\['kernel'\] is invalid: unknown field"),
         (["microbatches=3"], r"microbatches=3 is invalid: must divide global_batch_size=8"),
         (["steps"], r"override 'steps' is invalid: must be key.sub=value"),
         (["steps.x=1"], r"steps is not a section"),

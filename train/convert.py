@@ -64,7 +64,7 @@ def continue_snippet(directory: Path) -> str:
 
 
 def _with_mta(cfg, params, spec: str | None, layers_text: str | None, args):
-    from mta_jax.convert import add_mta
+    from mta_jax.convert import FunctionChangeError, add_mta
 
     if spec is None:
         if layers_text is not None:
@@ -72,20 +72,26 @@ def _with_mta(cfg, params, spec: str | None, layers_text: str | None, args):
         return cfg, params
     mta, file_layers = parse_mta_spec(spec)
     layers = parse_layers(layers_text) if layers_text is not None else file_layers
-    return add_mta(
-        cfg,
-        params,
-        mta,
-        kq_conv_layers=layers,
-        seed=args.seed,
-        allow_function_change=args.allow_function_change,
-    )
+    try:
+        return add_mta(
+            cfg,
+            params,
+            mta,
+            kq_conv_layers=layers,
+            seed=args.seed,
+            allow_function_change=args.allow_function_change,
+        )
+    except FunctionChangeError as error:
+        raise error.for_option("--allow-function-change") from None
 
 
 def _save(directory: str, cfg, params, overwrite: bool) -> Path:
-    from train.params_io import save_params
+    from train.params_io import ParamsExistError, save_params
 
-    out = save_params(directory, cfg, params, overwrite=overwrite)
+    try:
+        out = save_params(directory, cfg, params, overwrite=overwrite)
+    except ParamsExistError as error:
+        raise error.for_option("--overwrite") from None
     print(f"wrote {out}")
     print(continue_snippet(out), end="", flush=True)
     return out
@@ -150,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--step", type=int, help="which checkpoint of a run (default: the newest)")
     add.add_argument("--to", required=True, help="the parameter directory to write")
     add.add_argument("--mta", required=True, help="MTA spec: a YAML file or an inline mapping")
-    add.add_argument("--overwrite", action="store_true")
+    add.add_argument("--overwrite", action="store_true", help="replace the parameters a --to already holds")
     _mta_options(add)
     add.set_defaults(handler=add_mta_command)
 
@@ -159,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--to", required=True, help="the parameter directory to write")
     imp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     imp.add_argument("--add-mta", help="MTA spec to add at the identity (see add-mta --mta)")
-    imp.add_argument("--overwrite", action="store_true")
+    imp.add_argument("--overwrite", action="store_true", help="replace the parameters a --to already holds")
     _mta_options(imp)
     imp.set_defaults(handler=import_llama_command)
 

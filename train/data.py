@@ -53,7 +53,8 @@ class DataConfig:
     kind: str = "toy"  # "toy" | "text" | "needles"
     seq_len: int = 256  # T, tokens per row (inputs length)
     # text
-    path: str = ""  # a UTF-8 text file, a directory (all *.txt inside, sorted), or a glob
+    # a UTF-8 text file, a directory (all *.txt inside, sorted), or a glob; relative to the working directory
+    path: str = ""
     tokenizer: str = "byte"  # "byte" | a Hugging Face tokenizer.json | a SentencePiece *.model
     doc_separator: str = "\n\n"  # splits the text into documents
     eval_fraction: float = 0.05  # the last fraction of documents is held out for evaluation
@@ -228,37 +229,40 @@ def vocab_size(cfg: DataConfig) -> int:
 # ------------------------------------------------------------------------------------------------ documents
 
 
-def _text_files(path: str) -> list[Path]:
+def _text_files(path: str, name: str) -> list[Path]:
     if not path:
-        raise _error("data.path", path, "empty; set it to a UTF-8 text file, a directory of *.txt or a glob")
+        raise _error(name, path, "empty; set it to a UTF-8 text file, a directory of *.txt or a glob")
     p = Path(path).expanduser()
+    # A relative path is read from the working directory (not from the config file's directory): say so.
+    where = "" if p.is_absolute() else f" (relative: resolved against the working directory {Path.cwd()})"
     if p.is_file():
         return [p]
     if p.is_dir():
         files = sorted(f for f in p.glob("*.txt") if f.is_file())
         if not files:
-            raise _error("data.path", path, "the directory holds no *.txt files")
+            raise _error(name, path, f"the directory holds no *.txt files{where}")
         return files
     if any(c in path for c in "*?["):
         files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if os.path.isfile(f))
         if not files:
-            raise _error("data.path", path, "the glob matches no files")
+            raise _error(name, path, f"the glob matches no files{where}")
         return files
-    raise _error("data.path", path, "no such file or directory")
+    raise _error(name, path, f"no such file or directory{where}")
 
 
-def read_documents(cfg: DataConfig) -> list[str]:
-    """All documents under cfg.path in file order: each file split on doc_separator, blank ones dropped."""
+def read_documents(cfg: DataConfig, *, name: str = "data.path") -> list[str]:
+    """All documents under cfg.path in file order: each file split on doc_separator, blank ones dropped.
+    name: what errors call cfg.path (a command line's --text reads through here too)."""
     docs = []
-    for f in _text_files(cfg.path):
+    for f in _text_files(cfg.path, name):
         try:
             text = f.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
             rule = f"{str(f)!r} is not UTF-8 text ({e.reason} at byte {e.start})"
-            raise _error("data.path", cfg.path, rule) from None
+            raise _error(name, cfg.path, rule) from None
         docs.extend(d for d in text.split(cfg.doc_separator) if d.strip())
     if not docs:
-        raise _error("data.path", cfg.path, "holds no documents (the files are empty or blank)")
+        raise _error(name, cfg.path, "holds no documents (the files are empty or blank)")
     return docs
 
 

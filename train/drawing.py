@@ -15,10 +15,18 @@ from mta_jax.params import key_padding
 
 if TYPE_CHECKING:
     from train.attention_maps import AttentionMaps
-    from train.pictures import PictureInput
 
 
 LABELLED_MAX_TOKENS = 64  # token labels on the attention maps' axes up to this many tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class PictureInput:
+    """The token sequence to draw attention maps for: ids int32 [T], one label per token, and a note."""
+
+    ids: np.ndarray
+    labels: list[str]
+    note: str
 
 
 def _pyplot():
@@ -96,7 +104,8 @@ def _save(fig, plt, title: str, path: Path) -> None:
 
 
 def draw_kernels(kernels: dict[int, np.ndarray], heads: Sequence[int], pad_key: str, title: str, path: Path):
-    """kernels: {layer: [H, c_q, c_k]}; a grid of heatmaps, rows = layers, columns = heads."""
+    """kernels: {layer: [H, c_q, c_k]}; a grid of heatmaps, rows = layers, columns = heads, all on one
+    diverging colour map with one scale symmetric about 0 (so that panels compare by colour)."""
     from matplotlib.patches import Rectangle
 
     plt = _pyplot()
@@ -106,10 +115,10 @@ def draw_kernels(kernels: dict[int, np.ndarray], heads: Sequence[int], pad_key: 
     cell = min(0.4, 4.0 / max(c_q, c_k))  # inches per kernel tap
     grid = Grid(len(layers), len(heads), max(1.2, cell * c_k), cell * c_q, gap=0.75, top=0.75)
     fig, axes, bars = grid.make(plt)
+    limit = _symmetric_limit(np.stack([np.asarray(kernels[layer])[list(heads)] for layer in layers]))
     for row, layer in enumerate(layers):
         for col, head in enumerate(heads):
             ax, kernel = axes[row, col], np.asarray(kernels[layer][head], np.float32)
-            limit = _symmetric_limit(kernel)
             image = ax.imshow(kernel, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
             _colorbar(fig, image, bars[row, col])
             ax.set_xticks(range(c_k), [str(c - pad_left) for c in range(c_k)], fontsize=6)
@@ -135,7 +144,8 @@ def full_head_mix(blocks: np.ndarray) -> np.ndarray:
 
 
 def draw_head_mix(mixes: dict[int, dict[str, np.ndarray]], path: Path):
-    """mixes: {layer: {"pre"/"post": [H / g, g, g]}}; rows = layers, columns = pre / post matrices."""
+    """mixes: {layer: {"pre"/"post": [H / g, g, g]}}; rows = layers, columns = pre / post matrices, on one
+    diverging colour map with one scale symmetric about 0."""
     plt = _pyplot()
     layers = sorted(mixes)
     kinds = [k for k in ("pre", "post") if any(k in mixes[layer] for layer in layers)]
@@ -143,6 +153,7 @@ def draw_head_mix(mixes: dict[int, dict[str, np.ndarray]], path: Path):
     side = min(6.0, max(1.6, 0.25 * num_heads))
     fig, axes, bars = Grid(len(layers), len(kinds), side, side, gap=0.8).make(plt)
     ticks = [str(h) for h in range(num_heads)]
+    limit = _symmetric_limit(np.concatenate([np.ravel(m) for part in mixes.values() for m in part.values()]))
     for row, layer in enumerate(layers):
         for col, kind in enumerate(kinds):
             ax = axes[row, col]
@@ -151,7 +162,6 @@ def draw_head_mix(mixes: dict[int, dict[str, np.ndarray]], path: Path):
                 bars[row, col].axis("off")
                 continue
             matrix = full_head_mix(np.asarray(mixes[layer][kind], np.float32)).T  # rows: output head
-            limit = _symmetric_limit(matrix)
             image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
             _colorbar(fig, image, bars[row, col])
             ax.set_xticks(range(num_heads), ticks, fontsize=6)
@@ -174,7 +184,8 @@ def draw_attention(
 ):
     """One layer's maps of batch row 0: rows = heads, columns = before / after (only one when the layer
     has no MTA mixing, so both are the same). With causal, the entries above the diagonal (future keys)
-    are grey."""
+    are grey. Every panel has one colour map and scale: magma from 0 when no weight is negative, else a
+    diverging map symmetric about 0 (post-softmax mixing can make weights negative)."""
     plt = _pyplot()
     panels = [("before: softmax(q k^T / sqrt(D))", maps.before), ("after: MTA attention weights", maps.after)]
     if not mixes:
@@ -189,13 +200,14 @@ def draw_attention(
     grid = dataclasses.replace(grid, gap=label_room + 0.55, top=0.95)
     fig, axes, bars = grid.make(plt)
     hidden = np.triu(np.ones((seq_len, seq_len), bool), 1) & causal
+    shown = np.stack([np.asarray(w[0, head], np.float32)[~hidden] for head in heads for _, w in panels])
+    negative = shown.min(initial=0.0) < 0
+    limit = _symmetric_limit(shown)
+    cmap = plt.get_cmap("RdBu_r" if negative else "magma").with_extremes(bad="#d9d9d9")
+    bounds = dict(vmin=-limit, vmax=limit) if negative else dict(vmin=0.0, vmax=limit)
     for row, head in enumerate(heads):
         for col, (name, weights) in enumerate(panels):
             ax, values = axes[row, col], np.asarray(weights[0, head], np.float32)
-            negative = values[~hidden].min(initial=0.0) < 0
-            limit = _symmetric_limit(values[~hidden])
-            cmap = plt.get_cmap("RdBu_r" if negative else "magma").with_extremes(bad="#d9d9d9")
-            bounds = dict(vmin=-limit, vmax=limit) if negative else dict(vmin=0.0, vmax=limit)
             image = ax.imshow(
                 np.ma.masked_where(hidden, values),
                 cmap=cmap,

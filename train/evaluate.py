@@ -1,7 +1,7 @@
 """Evaluate a checkpoint: perplexity and bits per byte, LAMBADA-style last word, needle in a haystack.
 
-    python -m train.evaluate perplexity --checkpoint runs/tiny_lm [--text FILE|DIR|GLOB] [--seq-len 256]
-        [--stride 128] [--batch 8] [--max-tokens 100000] [--output ppl.json]
+    python -m train.evaluate perplexity --checkpoint runs/tiny_lm [--text FILE|DIR|GLOB] [--seq-len 128]
+        [--stride 64] [--batch 8] [--max-tokens 100000] [--output ppl.json]
     python -m train.evaluate lambada --checkpoint runs/tiny_lm --file lambada.jsonl [--output l.json]
     python -m train.evaluate needles --checkpoint runs/needles_small [--haystack FILE] \\
         --context-lens 64 128 --depths 0 0.5 1 --needles 2 4 6 --samples 20 [--output n.json]
@@ -9,6 +9,8 @@
 --checkpoint is a training run directory or a parameter directory (train/params_io.py); --step picks a
 checkpoint of a run. The tokenizer is --tokenizer ("byte", a tokenizer.json or a SentencePiece *.model),
 else the run's data.tokenizer, else bytes. Every number is from teacher forcing, one forward pass per row.
+--seq-len defaults to the run's data.seq_len (the length it was trained at; for a parameter directory, which
+has no data config: 256 for perplexity, 1024 for lambada).
 
 perplexity: the text (default: the run's held-out documents) is split into documents at --doc-separator
   (as training does), each encoded as BOS + tokens + EOS. Every token after BOS is scored, EOS included;
@@ -18,7 +20,10 @@ perplexity: the text (default: the run's held-out documents) is split into docum
   before them as extra context. nats/token = total nats / scored tokens; perplexity = exp(nats/token);
   bits/byte = total nats / ln 2 / bytes, bytes = UTF-8 bytes of the scored documents' text (of the scored
   tokens' decoded text for a document cut by --max-tokens). With the byte tokenizer the scored tokens are
-  the bytes plus one EOS per document, so bits/byte = bits/token * tokens / bytes.
+  the bytes plus one EOS per document, so bits/byte = bits/token * tokens / bytes. The printout says what
+  was scored (text, documents, tokens, windows, seq_len, stride): nats/token is comparable to a loss the
+  run logged only on the same documents at the same seq_len (the run's eval loss: its held-out documents at
+  data.seq_len; its training loss is on the other documents).
 lambada: a JSON Lines file, one object per line with a "text" string (the format of OpenAI's
   lambada_test.jsonl): {"text": "... she said, holding out the"} ... The target is the last
   whitespace-separated word (punctuation included) with the whitespace before it, the context everything
@@ -59,6 +64,19 @@ def _run_data_config(checkpoint: str):
     return load_train_config(path).data
 
 
+# --seq-len without a run config to take data.seq_len from
+DEFAULT_SEQ_LEN = {"perplexity": 256, "lambada": 1024}
+
+
+def _seq_len(args, data_cfg) -> tuple[int, str]:
+    """(seq_len, where it comes from): --seq-len, else the run's data.seq_len, else DEFAULT_SEQ_LEN."""
+    if args.seq_len is not None:
+        return args.seq_len, "--seq-len"
+    if data_cfg is not None:
+        return data_cfg.seq_len, "the run's data.seq_len"
+    return DEFAULT_SEQ_LEN[args.command], "the default for a parameter directory"
+
+
 def _tokenizer(args, data_cfg, vocab_size: int):
     from train.data import DataConfig, load_tokenizer
 
@@ -77,13 +95,17 @@ def _tokenizer(args, data_cfg, vocab_size: int):
     return tokenizer
 
 
-def _documents(args, data_cfg) -> list[str]:
+def _documents(args, data_cfg) -> tuple[list[str], str]:
+    """(documents, what they are)."""
     from train.data import DataConfig, read_documents, split_documents
 
     if args.text is not None:
-        return read_documents(DataConfig(kind="text", path=args.text, doc_separator=args.doc_separator))
+        cfg = DataConfig(kind="text", path=args.text, doc_separator=args.doc_separator)
+        return read_documents(cfg, name="--text"), f"--text {args.text}"
     if data_cfg is not None and data_cfg.kind == "text":
-        return split_documents(data_cfg)[1]
+        percent = 100 * data_cfg.eval_fraction
+        what = f"the run's held-out documents (the last {percent:g}% of data.path={data_cfg.path})"
+        return split_documents(data_cfg)[1], what
     raise invalid(
         "text", None, "give --text FILE|DIR|GLOB (only a text run has held-out documents to default to)"
     )
@@ -123,13 +145,23 @@ def _parser() -> argparse.ArgumentParser:
         "--text", default=None, help="a file, a directory of *.txt or a glob (default: held out)"
     )
     ppl.add_argument("--doc-separator", default="\n\n", help="splits the text into documents")
-    ppl.add_argument("--seq-len", type=int, default=256, help="inputs per window")
+    ppl.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="inputs per window (default: the run's data.seq_len, else 256)",
+    )
     ppl.add_argument("--stride", type=int, default=None, help="targets per later window (default: seq-len)")
     ppl.add_argument("--max-tokens", type=int, default=None, help="stop after this many scored tokens")
 
     lam = commands.add_parser("lambada", parents=[common], help="last-word accuracy and perplexity")
     lam.add_argument("--file", required=True, help='JSON Lines, one {"text": ...} per line')
-    lam.add_argument("--seq-len", type=int, default=1024, help="the most input tokens per example")
+    lam.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="the most input tokens per example (default: the run's data.seq_len, else 1024)",
+    )
 
     ndl = commands.add_parser("needles", parents=[common], help="needle-in-a-haystack accuracy grid")
     ndl.add_argument("--haystack", default=None, help="a text file of filler (text models)")
@@ -158,14 +190,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"command": args.command, "checkpoint": str(args.checkpoint), "step": args.step}
     if args.command == "perplexity":
         tokenizer = _tokenizer(args, data_cfg, vocab)
-        docs = _documents(args, data_cfg)
-        kw = dict(seq_len=args.seq_len, batch=args.batch, stride=args.stride, max_tokens=args.max_tokens)
+        docs, text = _documents(args, data_cfg)
+        seq_len, seq_len_from = _seq_len(args, data_cfg)
+        kw = dict(seq_len=seq_len, batch=args.batch, stride=args.stride, max_tokens=args.max_tokens)
         result.update(perplexity(scorer, docs, tokenizer, **kw))
+        result.update({"text": text, "seq_len_from": seq_len_from})
+        result["note"] = _comparable(args, data_cfg, seq_len)
     elif args.command == "lambada":
         tokenizer = _tokenizer(args, data_cfg, vocab)
-        result.update(
-            lambada(scorer, read_lambada(args.file), tokenizer, seq_len=args.seq_len, batch=args.batch)
-        )
+        seq_len, seq_len_from = _seq_len(args, data_cfg)
+        result.update(lambada(scorer, read_lambada(args.file), tokenizer, seq_len=seq_len, batch=args.batch))
+        result.update({"seq_len": seq_len, "seq_len_from": seq_len_from})
     else:
         source = _needle_source(args, data_cfg, lambda: _tokenizer(args, data_cfg, vocab))
         if source.kind == "synthetic" and vocab < needles_lib.VOCAB_SIZE:
@@ -189,15 +224,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _comparable(args, data_cfg, seq_len: int) -> str:
+    """When nats/token may be compared with a loss the run logged, said for this evaluation."""
+    rule = "nats/token is comparable to a loss of the run only on the same documents at the same seq_len"
+    if data_cfg is None:
+        return f"{rule} (a parameter directory: no training data config to compare with)"
+    trained = f"data.seq_len={data_cfg.seq_len}"
+    if args.text is not None or data_cfg.kind != "text":
+        return f"{rule}: this is --text, not the run's data split (it trained at {trained})"
+    if seq_len != data_cfg.seq_len:
+        return f"{rule}: these are the run's held-out documents, but at seq_len {seq_len}, not its {trained}"
+    return (
+        f"{rule}: these are the run's held-out documents at its {trained}, as its eval loss (its training "
+        "loss is on the other documents)"
+    )
+
+
 def _summary(result: dict[str, Any]) -> str:
     if result["command"] == "needles":
         return needle_table(result["cells"])
-    skip = ("command", "checkpoint", "step")
-    return "\n".join(
-        f"{k:<24}{v:.6g}" if isinstance(v, float) else f"{k:<24}{v}"
-        for k, v in result.items()
-        if k not in skip
-    )
+    skip = ("command", "checkpoint", "step", "note")
+    lines = []
+    if result["command"] == "perplexity":
+        lines.append(
+            f"scored: {result['tokens']} tokens of {result['documents']} documents of {result['text']}, in "
+            f"{result['windows']} windows of seq_len {result['seq_len']} ({result['seq_len_from']}), "
+            f"stride {result['stride']}"
+        )
+        skip += ("text", "seq_len_from")
+    for k, v in result.items():
+        if k not in skip:
+            lines.append(f"{k:<24}{v:.6g}" if isinstance(v, float) else f"{k:<24}{v}")
+    if "note" in result:
+        lines.append(f"note: {result['note']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,18 @@ class UnreadableCheckpointError(ValueError):
     """Orbax could not read a saved parameter tree (corrupt, truncated or missing files)."""
 
 
+class ParamsExistError(ValueError):
+    """save_params refuses to replace parameters; `option` names what allows it (a command line says its
+    own flag: error.for_option("--overwrite"))."""
+
+    def __init__(self, directory: Path, option: str = "overwrite=True"):
+        self.directory, self.option = directory, option
+        super().__init__(f"{directory} already holds parameters; pass {option} to replace them")
+
+    def for_option(self, option: str) -> ParamsExistError:
+        return ParamsExistError(self.directory, option)
+
+
 MODEL_FILE = "model.yaml"
 PARAMS_DIR = "params"
 
@@ -46,7 +58,7 @@ def save_params(directory: str | os.PathLike, cfg: ModelConfig, params: PyTree, 
     directory = Path(directory).absolute()
     check_params(cfg, params)
     if (directory / PARAMS_DIR).exists() and not overwrite:
-        raise ValueError(f"{directory} already holds parameters; pass overwrite=True to replace them")
+        raise ParamsExistError(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / PARAMS_DIR, params, force=overwrite)

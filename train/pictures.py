@@ -13,13 +13,14 @@ and head, the head-mixing matrices, and attention maps of one input before and a
   attention_layer<i>.png  per layer, per head: plain causal softmax(q k^T / sqrt(D)) ("before") next to
                           the MTA attention weights after conv / softmax / conv / head mixing ("after")
   index.json              the files and what each shows, the input text and the notes
-Without --text a toy-task checkpoint draws a held-out toy sample (--toy-sample, default 0).
+Without --text a text run draws the first of its held-out documents (of its data.path) and a toy-task
+checkpoint a held-out toy sample (--toy-sample, default 0). One colour scale per figure: the kernels on
+one diverging map symmetric about 0, the attention weights before and after on one map.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -31,18 +32,9 @@ import numpy as np
 
 from train import toy
 from train.attention_maps import model_attention_maps
-from train.drawing import draw_attention, draw_head_mix, draw_kernels
+from train.drawing import PictureInput, draw_attention, draw_head_mix, draw_kernels
 
 PARAM_DIR_TOY_SEQ_LEN = 64  # toy samples for a parameter directory (no data config): this row length
-
-
-@dataclasses.dataclass(frozen=True)
-class PictureInput:
-    """The token sequence to draw attention maps for: ids int32 [T], one label per token, and a note."""
-
-    ids: np.ndarray
-    labels: list[str]
-    note: str
 
 
 class ToyTokens:
@@ -117,18 +109,25 @@ def picture_input(
     toy_sample: int | None,
     max_tokens: int,
 ) -> PictureInput:
-    """The token sequence from --text, or a held-out toy sample (index TOY_EVAL_START + toy_sample)."""
-    from train.data import TOY_EVAL_START, DataConfig
+    """The token sequence from --text; else for a text run the first of its held-out documents (data.path,
+    as training split it), for a toy-task model a held-out toy sample (index TOY_EVAL_START + toy_sample)."""
+    from train.data import TOY_EVAL_START, DataConfig, split_documents
 
     if text is not None and toy_sample is not None:
         raise ValueError(f"toy_sample={toy_sample} is invalid together with text: give one of them")
-    if text is None:
+    cfg = run_config(checkpoint)
+    if text is None and toy_sample is None and cfg is not None and cfg.data.kind == "text":
+        document = split_documents(cfg.data)[1][0]
+        ids, note = tokens.encode(document), f"held-out document 0 of data.path={cfg.data.path}: {document}"
+    elif text is None:
         if not isinstance(tokens, ToyTokens):
-            raise ValueError("text=None is invalid: the checkpoint is not a toy-task model; pass --text")
+            raise ValueError(
+                "text=None is invalid: the checkpoint is neither a toy-task model nor a text run (whose "
+                "held-out text is the default); pass --text"
+            )
         toy_sample = 0 if toy_sample is None else toy_sample
         if toy_sample < 0:
             raise ValueError(f"toy_sample={toy_sample} is invalid: must be >= 0")
-        cfg = run_config(checkpoint)
         data = cfg.data if cfg is not None else DataConfig(kind="toy", seq_len=PARAM_DIR_TOY_SEQ_LEN)
         seed = cfg.seed if cfg is not None else 0
         sample_text = data.toy_task().text(seed, TOY_EVAL_START + toy_sample)
@@ -241,7 +240,7 @@ def make_pictures(
                 "file": name,
                 "shows": f"{title}: rows = layers {sorted(convs[kind])}, columns = heads {head_ids}; query "
                 "offset vertically (0 = current query), key offset horizontally (0 = current key); "
-                "diverging colours centred on 0; the identity tap outlined",
+                "diverging colours on one scale symmetric about 0; the identity tap outlined",
             }
         )
 
@@ -296,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a run directory or a parameter directory")
     parser.add_argument("--out", required=True, help="directory for the PNG files and index.json")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--text", help="the input whose attention maps are drawn")
+    source.add_argument(
+        "--text", help="the input whose attention maps are drawn (default: a text run's held-out text)"
+    )
     source.add_argument("--toy-sample", type=int, help="index of a held-out toy sample (default 0)")
     parser.add_argument("--layers", help="comma-separated layer indices (default: all)")
     parser.add_argument("--heads", help="comma-separated head indices (default: all)")

@@ -151,8 +151,9 @@ def perplexity(
     stride: int | None = None,
     max_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Token cross-entropy of the documents (see the module docstring): tokens, bytes, nats_per_token,
-    perplexity, bits_per_token, bits_per_byte, token_accuracy, documents."""
+    """Token cross-entropy of the documents (see the module docstring): documents, windows (rows scored),
+    tokens, bytes, nats_per_token, perplexity, bits_per_token, bits_per_byte, token_accuracy, seq_len,
+    stride."""
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise invalid("max_tokens", max_tokens, "must be a positive integer or None")
     rows, num_bytes, num_docs, left = [], 0, 0, max_tokens
@@ -179,6 +180,7 @@ def perplexity(
     tokens = int(sum(w.sum() for _, _, w in rows))
     return {
         "documents": num_docs,
+        "windows": len(rows),
         "tokens": tokens,
         "bytes": num_bytes,
         "nats_per_token": nats / tokens,
