@@ -189,3 +189,19 @@ def _export(kernel, platform, head_dim):
 def test_full_path_lowers_for_accelerators(kernel, platform, call):
     exported = _export(kernel, platform, 128)
     assert call in exported.mlir_module()
+
+
+def test_auto_per_layer_of_the_paper_880m_model():
+    """What "auto" runs in each layer of configs/models/880M_mta.yaml in training (dropout off, as
+    configured): on TPU the fused kernels wherever there is no post-softmax conv, on GPU blockwise
+    (groups of 16 heads do not fit the Triton kernels)."""
+    from mta_jax.config import load_model_config
+    from train.aot_step import attention_paths
+
+    model = load_model_config(Path(__file__).parents[1] / "configs" / "models" / "880M_mta.yaml")
+    kq_layers = [2, 6, 10, 14, 18, 22]
+    assert attention_paths(model, 2048, "tpu") == {
+        "pallas": [i for i in range(24) if i not in kq_layers],
+        "blockwise": kq_layers,
+    }
+    assert attention_paths(model, 2048, "gpu") == {"blockwise": list(range(24))}
