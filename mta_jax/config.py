@@ -212,8 +212,8 @@ class ModelConfig:
             if getattr(self, field) is not None:
                 check_positive_int(field, getattr(self, field))
         for field in ("dtype", "param_dtype"):
-            if getattr(self, field) not in ("float32", "bfloat16", "float16"):
-                raise _error(field, getattr(self, field), "must be float32, bfloat16 or float16")
+            if getattr(self, field) not in ("float32", "bfloat16", "float16", "float64"):
+                raise _error(field, getattr(self, field), "must be float32, bfloat16, float16 or float64")
         try:  # an error of the mta section names its field as mta.<field>
             if isinstance(self.mta, Mapping):
                 object.__setattr__(self, "mta", mta_config_from_dict(self.mta))

@@ -60,10 +60,16 @@ class DecoderBlock(nnx.Module):
 
 
 class MTATransformer(nnx.Module):
-    """tokens [B, T] -> logits [B, T, vocab] (float32). Embeddings tied to the output by default."""
+    """tokens [B, T] -> logits [B, T, vocab] in float32 (float64 for a float64 model). Embeddings tied to
+    the output by default."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
+        if "float64" in (cfg.dtype, cfg.param_dtype) and not jax.config.jax_enable_x64:
+            raise ValueError(
+                "a float64 model needs 64-bit jax: jax.config.update('jax_enable_x64', True), "
+                "JAX_ENABLE_X64=1 or `with jax.enable_x64(True):` (without it the arrays would be float32)"
+            )
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         std = cfg.dim**-0.5
         self.tok_embeddings = nnx.Embed(
@@ -122,7 +128,7 @@ class MTATransformer(nnx.Module):
             h = constrain(h, *ACTIVATION_AXES)
         h = self.norm(h)
         logits = self.tok_embeddings.attend(h) if self.output is None else self.output(h)
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> ModelCache:
         """An empty decoding cache for `batch` rows of up to max_len tokens (see mta_jax/decode.py).
@@ -148,7 +154,7 @@ class MTATransformer(nnx.Module):
         __call__ gives on the whole sequence at those positions. segment_ids: [B, n] document ids >= 0
         (default: the last cached token's, i.e. continue its document); positions: [B, n] RoPE positions
         (default: continue the last cached token's document, restart at 0 at a new segment id).
-        Returns (logits [B, n, vocab] float32, cache). Keep cache.length + n <= cache.max_len.
+        Returns (logits [B, n, vocab] float32 or wider, cache). Keep cache.length + n <= cache.max_len.
         """
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
@@ -180,7 +186,7 @@ class MTATransformer(nnx.Module):
             last_segment=segment_ids[:, -1],
             last_position=positions[:, -1].astype(jnp.int32),
         )
-        return logits.astype(jnp.float32), cache
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), cache
 
 
 def count_params(cfg: ModelConfig) -> int:

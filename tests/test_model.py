@@ -10,6 +10,7 @@ from flax import nnx
 
 from mta_jax.config import ModelConfig, MTAConfig, load_model_config
 from mta_jax.model import MTATransformer, count_params
+from tests import loops
 from tests.helpers import random_mta_params, random_segment_ids
 
 SIZES = {"300M": (1024, 20, 16), "550M": (1280, 24, 10), "880M": (1536, 24, 16), "1B": (2048, 24, 16)}
@@ -184,3 +185,75 @@ def test_mismatched_segment_ids_and_positions_are_named(seed):
         model(tokens, segment_ids=jnp.zeros((2, 4), jnp.int32))
     with pytest.raises(ValueError, match=r"positions has shape \(5, 2\)"):
         model(tokens, positions=jnp.zeros((5, 2), jnp.int32))
+
+
+def _rms_norm(x, scale, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _rope_interleaved(x, positions, theta):
+    """x [T, H, D]: pairs (2i, 2i + 1) rotated by position * theta^(-2i / D), as complex numbers."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-np.arange(half) * 2.0 / x.shape[-1])
+    z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * positions[:, None, None] * freq)
+    return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
+
+
+def _f64(param) -> np.ndarray:
+    return np.asarray(param[...], np.float64)
+
+
+def _heads(x, linear, num_heads):
+    """x [T, dim] @ kernel -> [T, num_heads, head_dim]."""
+    out = x @ _f64(linear.kernel)
+    return out.reshape(x.shape[0], num_heads, -1)
+
+
+def _model_loop(model, cfg, tokens, segment_ids):
+    """The decoder in numpy float64, layer by layer, each packed document on its own (tests/loops.py)."""
+    embedding = _f64(model.tok_embeddings.embedding)
+    logits = []
+    for row, ids in zip(np.asarray(tokens), np.asarray(segment_ids), strict=True):
+        positions = np.concatenate([np.arange(np.sum(ids == d)) for d in np.unique(ids)])
+        x = embedding[row]
+        for layer in model.layers:
+            attn = layer.attention
+            h = _rms_norm(x, _f64(layer.attention_norm.scale), cfg.norm_eps)
+            q = _rope_interleaved(_heads(h, attn.wq, attn.num_heads), positions, cfg.rope_theta)
+            k = _rope_interleaved(_heads(h, attn.wk, attn.num_kv_heads), positions, cfg.rope_theta)
+            v = _heads(h, attn.wv, attn.num_kv_heads)
+            params = dataclasses.asdict(attn.mta_params())
+            out = loops.packed_attention_loop(q, k, v, params, attn.mta, ids, layer_index=attn.layer_index)
+            x = x + out.reshape(len(row), -1) @ _f64(attn.wo.kernel)
+            h = _rms_norm(x, _f64(layer.ffn_norm.scale), cfg.norm_eps)
+            ffn = layer.feed_forward
+            gate = h @ _f64(ffn.w1.kernel)
+            x = x + (gate / (1 + np.exp(-gate)) * (h @ _f64(ffn.w3.kernel))) @ _f64(ffn.w2.kernel)
+        logits.append(_rms_norm(x, _f64(model.norm.scale), cfg.norm_eps) @ embedding.T)
+    return np.stack(logits)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "blockwise"])
+def test_float64_model_equals_a_float64_loop(seed, rng, implementation):
+    """A float64 model is float64 end to end (RoPE, attention, norms, logits): every layer's MTA parts
+    random, packed documents, GQA, blockwise tiles smaller than a document; 1e-12 against numpy."""
+    cfg = dataclasses.replace(
+        TINY, dtype="float64", param_dtype="float64", attention_implementation=implementation,
+        attention_block_q=8, attention_block_k=4,
+    )  # fmt: skip
+    with jax.enable_x64(True):
+        model = _model(cfg, seed)
+        _randomise_mta(model, rng)
+        tokens = jnp.asarray(rng.integers(0, 50, (2, 13)))
+        segment_ids = random_segment_ids(rng, 2, 13, max_docs=3)
+        got = _logits(model, tokens, segment_ids)
+        assert got.dtype == jnp.float64
+        want = _model_loop(model, cfg, tokens, segment_ids)
+    # float64 rounding over ~10^3 operations a logit of size ~1: a few 1e-14; 1e-12 leaves room.
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
+
+
+def test_float64_model_without_x64_is_refused():
+    cfg = dataclasses.replace(TINY, dtype="float64", param_dtype="float64")
+    with jax.enable_x64(False), pytest.raises(ValueError, match="float64 model needs 64-bit jax"):
+        _model(cfg, 0)
