@@ -1,0 +1,61 @@
+"""bench/pod_table.py's bookkeeping from synthetic train.compile reports (nothing compiled)."""
+
+import pytest
+
+from bench import pod_table
+
+GiB = 2**30
+
+
+def _report(peak_gib, tokens_per_s, mfu, flops, fits=True, attention=None):
+    return {
+        "chips": 32,
+        "hbm_bytes": 95 * GiB,
+        "train_peak_bytes": int(peak_gib * GiB),
+        "fits": fits,
+        "estimate": {"tokens_per_s_per_chip": tokens_per_s, "mfu": mfu},
+        "flops_per_chip": {"compiled": flops},
+        "attention": attention or {"pallas": list(range(24))},
+    }
+
+
+REPORTS = {
+    ("880M", "baseline", "v5p-64"): _report(10.0, 40_000, 0.5, 1e13),
+    ("880M", "mta", "v5p-64"): _report(
+        12.0, 30_000, 0.45, 1.3e13, attention={"pallas": [0, 1], "blockwise": [2]}
+    ),
+    ("1B", "baseline", "v5p-64"): _report(20.0, 20_000, 0.5, 2e13),
+    ("1B", "mta", "v5p-64"): _report(30.0, 10_000, 0.3, 3e13, fits=False),
+}
+
+
+def test_rows_pair_baseline_and_mta_and_skip_missing_points():
+    table = pod_table.rows(["300M", "880M", "1B"], ["v5p-64"], load=lambda *key: REPORTS.get(key))
+    assert [r["model"] for r in table] == ["880M", "1B"]  # no 300M reports
+    row = table[0]
+    assert row["memory_ratio"] == pytest.approx(1.2, rel=1e-6)
+    assert row["throughput_ratio"] == pytest.approx(0.75)
+    assert row["flops_ratio"] == pytest.approx(1.3)
+    assert row["mta_attention"] == {"pallas": 2, "blockwise": 1}
+
+
+def test_markdown_marks_unfit_runs_and_checks_the_goals():
+    text = pod_table.markdown(pod_table.rows(["880M", "1B"], ["v5p-64"], load=lambda *key: REPORTS.get(key)))
+    assert (
+        "| 880M | v5p-64 (32 chips, 95 GiB) | 10.0 | 12.0 | 1.20 | 50% | 45% | 0.75 | 1.30 "
+        "| pallas 2, blockwise 1 |" in text
+    )
+    assert "30.0 (does not fit)" in text
+    # worst memory ratio 1.5 > 1.3, worst throughput 0.5 < 0.7
+    assert "worst here 1.50: NOT met" in text and "worst 0.50: NOT met" in text
+    assert "ROOFLINE ESTIMATES" in text and "Table 9" in text
+
+
+def test_readme_table_replaced_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{pod_table.MARKERS[0]}\nold\n{pod_table.MARKERS[1]}\nafter\n")
+    pod_table.write_readme(readme, "new table")
+    assert readme.read_text() == f"before\n{pod_table.MARKERS[0]}\nnew table\n{pod_table.MARKERS[1]}\nafter\n"
+    (tmp_path / "other.md").write_text("no markers")
+    with pytest.raises(SystemExit, match="lacks the markers"):
+        pod_table.write_readme(tmp_path / "other.md", "x")
