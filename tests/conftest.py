@@ -2,6 +2,7 @@
 MTA_TEST_SEED, printed in the header and the summary), and the slow marker."""
 
 import os
+import re
 import secrets
 import zlib
 
@@ -33,11 +34,25 @@ def _session_seed(config) -> int:
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+    parser.addoption(
+        "--seeded-only",
+        action="store_true",
+        default=False,
+        help="keep only the tests that draw random inputs (the seed or rng fixture): for seed sweeps",
+    )
+    parser.addoption(
+        "--sweep-seeds",
+        default=None,
+        metavar="FIRST-LAST",
+        help="run every test that draws random inputs once per MTA_TEST_SEED in FIRST..LAST, in one "
+        "process (compiles are shared); a failing [..sweepS] case replays with MTA_TEST_SEED=S",
+    )
 
 
 def pytest_configure(config):
     global BASE_SEED
     BASE_SEED = _session_seed(config)
+    _sweep_seeds(config)  # a bad range is a usage error before collection
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -60,6 +75,11 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--seeded-only"):
+        seeded = [item for item in items if "session_seed" in getattr(item, "fixturenames", ())]
+        kept = {id(item) for item in seeded}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
+        items[:] = seeded
     if config.getoption("--runslow"):
         return
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
@@ -68,12 +88,41 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+def _sweep_seeds(config) -> list[int]:
+    text = config.getoption("--sweep-seeds")
+    if text is None:
+        return []
+    match = re.fullmatch(r"(\d+)-(\d+)", text)
+    if not match or int(match[1]) > int(match[2]):
+        raise pytest.UsageError(f"--sweep-seeds={text!r} is invalid: must be FIRST-LAST, e.g. 1-20")
+    return list(range(int(match[1]), int(match[2]) + 1))
+
+
+def pytest_generate_tests(metafunc):
+    """With --sweep-seeds, every test that uses the session seed runs once per seed of the range."""
+    seeds = _sweep_seeds(metafunc.config)
+    if seeds and "session_seed" in metafunc.fixturenames:
+        metafunc.parametrize("session_seed", seeds, indirect=True, ids=[f"sweep{s}" for s in seeds])
+
+
 @pytest.fixture
-def seed(request) -> int:
+def session_seed(request) -> int:
+    """MTA_TEST_SEED (or the drawn one); under --sweep-seeds, this case's seed of the sweep."""
+    return getattr(request, "param", BASE_SEED)
+
+
+def _unswept_nodeid(nodeid: str) -> str:
+    """The node id without --sweep-seeds' id, so a swept case replays under MTA_TEST_SEED alone."""
+    nodeid = re.sub(r"\[sweep\d+\]$", "", nodeid)
+    return re.sub(r"-sweep\d+(?=[-\]])|sweep\d+-", "", nodeid)
+
+
+@pytest.fixture
+def seed(request, session_seed) -> int:
     """A fresh seed per test and run; failures print it for replay."""
-    value = (BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    value = (session_seed + zlib.crc32(_unswept_nodeid(request.node.nodeid).encode())) % 2**31
     request.node.user_properties.append(("seed", value))
-    print(f"seed={value} (MTA_TEST_SEED={BASE_SEED})")
+    print(f"seed={value} (MTA_TEST_SEED={session_seed})")
     return value
 
 
