@@ -59,3 +59,21 @@ def test_readme_table_replaced_between_markers(tmp_path):
     (tmp_path / "other.md").write_text("no markers")
     with pytest.raises(SystemExit, match="lacks the markers"):
         pod_table.write_readme(tmp_path / "other.md", "x")
+
+
+def test_step_estimate_never_counts_less_than_the_model_flops():
+    """A compiled count under the model's (XLA counts loop bodies once) must not give MFU over 100%."""
+    from kernels.chips import get_pod
+    from train.aot_step import step_estimate
+
+    chip = get_pod("v5p-64").chip
+    report = {"chips": 32, "tokens_per_step": 262_144, "bytes_accessed_per_chip": 1.0}
+    model_flops = chip.peak_flops * 0.1  # 100 ms of compute at peak
+    report["flops_per_chip"] = {"compiled": 0.8 * model_flops, "analytical_model": model_flops}
+    under = step_estimate(report, chip)
+    assert under["flops_used"] == "analytical_model"
+    assert under["step_time_s"] == pytest.approx(0.1) and under["mfu"] == pytest.approx(1.0)
+    report["flops_per_chip"]["compiled"] = 1.25 * model_flops  # remat: more hardware work than model work
+    over = step_estimate(report, chip)
+    assert over["flops_used"] == "compiled" and over["mfu"] == pytest.approx(0.8)
+    assert over["tokens_per_s_per_chip"] == pytest.approx(262_144 / 32 / 0.125)
