@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 import jax  # noqa: E402
 
+from train import flops as flops_lib  # noqa: E402
 from train.config import TrainConfig, load_train_config, to_dict  # noqa: E402
 from train.loop import train  # noqa: E402
 
@@ -45,9 +46,12 @@ PAPER = {
 }
 MODELS = ("Transformer", "MTA")
 # Seconds per training step of configs/train/toy_table.yaml on an idle 2-core CPU (evaluation included),
-# measured; the expected time printed before a table scales it by each config's tokens per step.
+# measured (80 s for 2000 steps); the expected time printed before a table scales it by the config's model
+# FLOPs per step (train/flops.py) over this one's: 1.68 GFLOP (batch 32 of 32 tokens, the 4-layer dim-64
+# MTA model). Larger models use the CPU better, so this overestimates them (toy_paper.yaml: 12 s a step
+# expected, 275x the FLOPs; on the busy CPU it took 21 s, 150x the toy table's 0.14 s there).
 SECONDS_PER_STEP = 0.045
-SECONDS_PER_STEP_TOKENS = 32 * 32
+SECONDS_PER_STEP_FLOPS = 1.68e9
 
 
 def run_config(cfg: TrainConfig, model: str, answer: str, seed: int, runs_dir: Path) -> TrainConfig:
@@ -193,7 +197,8 @@ def plot(report: dict, path: Path) -> None:
 def expected_seconds(cfg: TrainConfig, runs: int) -> float:
     """An upper bound on the table's time: every run the whole budget (solved runs stop earlier)."""
     tokens = cfg.global_batch_size * cfg.data.seq_len
-    per_step = SECONDS_PER_STEP * tokens / SECONDS_PER_STEP_TOKENS
+    flops = tokens * flops_lib.training_flops_per_token(cfg.model, cfg.data.seq_len)
+    per_step = SECONDS_PER_STEP * flops / SECONDS_PER_STEP_FLOPS
     return runs * cfg.steps * per_step
 
 

@@ -140,12 +140,23 @@ def test_plot_writes_a_png(tmp_path):
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_expected_time_is_runs_times_budget_times_the_step_time_scaled_by_tokens():
+def test_expected_time_is_runs_times_budget_times_the_step_time_scaled_by_flops():
     cfg = load_train_config(ROOT / "configs/train/toy_table.yaml", ["steps=1000", "global_batch_size=32"])
     one = expected_seconds(cfg, 1)
-    assert one > 0 and expected_seconds(cfg, 10) == pytest.approx(10 * one)
+    assert one == pytest.approx(45, rel=0.01)  # the measured 0.045 s a step of this config
+    assert expected_seconds(cfg, 10) == pytest.approx(10 * one)
     bigger = load_train_config(ROOT / "configs/train/toy_table.yaml", ["steps=1000", "global_batch_size=64"])
     assert expected_seconds(bigger, 1) == pytest.approx(2 * one)
+
+
+def test_the_paper_scale_config_is_the_papers_toy_setting():
+    cfg = load_train_config(ROOT / "configs/train/toy_paper.yaml")
+    data, model = cfg.data, cfg.model
+    assert (data.toy_block_size, data.toy_query_len, data.seq_len) == (5, 2, 320)
+    assert (model.num_layers, model.dim, model.num_heads, model.mta.dropout_rate) == (4, 256, 2, 0.1)
+    assert model.mta.pre_conv == (2, 9) and model.mta.post_conv is None
+    assert (cfg.global_batch_size, cfg.optimizer.learning_rate, cfg.optimizer.decay) == (64, 1e-4, "constant")
+    assert cfg.stop_at_eval_error == 0.01 and cfg.eval_every >= 1
 
 
 def test_run_config_swaps_the_model_answer_and_seed(tmp_path):
