@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         result = train(run_cfg)
         seconds = time.perf_counter() - start
+        if result.preempted:  # SIGTERM or Ctrl-C: not a finished run; it resumes from its checkpoint
+            print(f"{model} answer={answer} seed={seed}: stopped at step {result.step}, not recorded")
+            break
         record = run_record(run_cfg, result, model, seconds)
         report["runs"].append(record)
         solved = f"solved at step {record['steps_to_solve']}" if record["steps_to_solve"] else "not solved"
