@@ -182,7 +182,8 @@ def test_the_script_writes_json_and_markdown_and_keeps_finished_runs(tmp_path, c
     # run again: the finished run is kept, nothing is trained
     capsys.readouterr()
     again = main(args)
-    assert again["runs"] == saved["runs"] and "error" not in capsys.readouterr().out.split("|")[0]
+    out = capsys.readouterr().out
+    assert again["runs"] == saved["runs"] and "0 run(s) to train" in out and "seed=0:" not in out
 
 
 def test_a_config_without_mta_is_refused(tmp_path):
@@ -190,3 +191,19 @@ def test_a_config_without_mta_is_refused(tmp_path):
     path.write_text("model: {vocab_size: 31, dim: 32, num_layers: 1, num_heads: 2}\ndata: {kind: toy}\n")
     with pytest.raises(ValueError, match="needs data.kind toy and a model with MTA"):
         main(["--config", str(path), "--out", str(tmp_path)])
+
+
+def test_a_preempted_run_is_not_recorded_and_the_table_stops(tmp_path, monkeypatch):
+    import bench.toy_table as toy_table
+    from train.loop import RunResult
+
+    calls = []
+
+    def preempted(cfg):
+        calls.append(cfg.seed)
+        return RunResult(step=3, losses={}, eval_loss=None, preempted=True)
+
+    monkeypatch.setattr(toy_table, "train", preempted)
+    args = ["--seeds", "0", "1", "--answers", "last", "--models", "MTA", "--out", str(tmp_path / "out")]
+    report = main(args + ["--runs-dir", str(tmp_path / "runs")])
+    assert calls == [0] and report["runs"] == []
