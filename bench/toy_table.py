@@ -1,14 +1,20 @@
-"""The paper's Table 1 at CPU scale: toy-task sequence error of the baseline transformer and MTA, 3 seeds.
+"""The paper's Table 1 at CPU scale: toy-task sequence error of the baseline transformer and MTA, and the
+steps each seed needs to solve the task.
 
     python bench/toy_table.py [--config configs/train/toy_table.yaml] [--answers all first last]
-        [--seeds 0 1 2] [--steps N] [--out bench/results] [--runs-dir runs/toy_table] [key=value ...]
+        [--seeds 0 1 2 3 4] [--steps N] [--out bench/results] [--runs-dir runs/toy_table] [key=value ...]
 
 For every answer variant, seed and model (the config's MTA model, and `model.baseline()`: the same model
-with no MTA part), trains with the project's training loop (train/loop.py) and reads the teacher-forced
-sequence error of its final evaluation on held-out samples. Writes <out>/toy_table.json (every run: error,
-loss, wall time) and <out>/toy_table.md (mean +- std over seeds in percent, beside the paper's Table 1), and
-prints the table. JSON is rewritten after every run, so an interrupted table keeps what it measured; runs
-already in the JSON for the same config and steps are not repeated.
+with no MTA part), trains with the project's training loop (train/loop.py). With the config's
+stop_at_eval_error (e.g. 0.01) a run stops at the first evaluation (every eval_every steps) whose held-out
+teacher-forced sequence error is at or below it: that step is the run's steps to solve; a run that never
+gets there trains the whole budget ("not within N steps"). Writes <out>/toy_table.json (every run: steps to
+solve, the error where it stopped, its eval-error curve read from the run's metrics.jsonl, wall time),
+<out>/toy_table.md (steps to solve per seed, and the error mean +- std over seeds in percent beside the
+paper's Table 1) and <out>/toy_table.png (the eval-error curves: both models, every seed, one panel per
+answer variant), and prints the table. Before training it prints the expected time. JSON is rewritten
+after every run, so an interrupted table keeps what it measured; runs already in the JSON for the same
+setting are not repeated.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 import jax  # noqa: E402
 
+from train import flops as flops_lib  # noqa: E402
 from train.config import TrainConfig, load_train_config, to_dict  # noqa: E402
 from train.loop import train  # noqa: E402
 
@@ -38,6 +45,13 @@ PAPER = {
     "MTA": {"all": "0.1 ± 0.1", "first": "0.0 ± 0.0", "last": "0.0 ± 0.0"},
 }
 MODELS = ("Transformer", "MTA")
+# Seconds per training step of configs/train/toy_table.yaml on an idle 2-core CPU (evaluation included),
+# measured (80 s for 2000 steps); the expected time printed before a table scales it by the config's model
+# FLOPs per step (train/flops.py) over this one's: 1.68 GFLOP (batch 32 of 32 tokens, the 4-layer dim-64
+# MTA model). Larger models use the CPU better, so this overestimates them (toy_paper.yaml: 12 s a step
+# expected, 275x the FLOPs; on the busy CPU it took 21 s, 150x the toy table's 0.14 s there).
+SECONDS_PER_STEP = 0.045
+SECONDS_PER_STEP_FLOPS = 1.68e9
 
 
 def run_config(cfg: TrainConfig, model: str, answer: str, seed: int, runs_dir: Path) -> TrainConfig:
@@ -61,12 +75,60 @@ def cell(errors: list[float]) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(errors):.1f}"
 
 
+def eval_curve(run_dir: str | Path) -> list[list[float]]:
+    """[[step, sequence_error], ...] of a run's evaluations, from its metrics.jsonl (the last line of a
+    step wins, as after a resume)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    curve: dict[int, float] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("split") == "eval" and "sequence_error" in record:
+                curve[int(record["step"])] = float(record["sequence_error"])
+    return [[step, curve[step]] for step in sorted(curve)]
+
+
+def steps_to_solve(curve: list[list[float]], target: float) -> int | None:
+    """The first evaluated step whose error is <= target; None if none is."""
+    return next((int(step) for step, error in curve if error <= target), None)
+
+
+def solve_cell(runs: list[dict], budget: int) -> str:
+    """'k/n solved: s0, s1, ...' with each seed's steps to solve, or '>budget' for a seed that did not."""
+    runs = sorted(runs, key=lambda r: r["seed"])
+    solved = [r for r in runs if r["steps_to_solve"] is not None]
+    steps = ", ".join(
+        str(r["steps_to_solve"]) if r["steps_to_solve"] is not None else f">{budget}" for r in runs
+    )
+    return f"{len(solved)}/{len(runs)}: {steps}"
+
+
 def render(report: dict) -> str:
-    """The markdown table: ours (this CPU setting) and the paper's Table 1, error % per answer variant."""
+    """The markdown tables: steps to solve per seed, and the error % per answer variant beside the paper's
+    Table 1."""
     answers = report["answers"]
+    setting = report["setting"]
+    target, budget = setting.get("target"), setting["steps"]
+    lines = []
+    if target is not None:
+        lines += [
+            f"Steps to reach {100 * target:g}% sequence error (evaluated every {setting['eval_every']} "
+            "steps; "
+            f"seeds solved / run, then each seed's steps in seed order, >{budget}: not within the budget):",
+            "",
+            "| Model | " + " | ".join(answers) + " |",
+            "|" + "---|" * (1 + len(answers)),
+        ]
+        for model in MODELS:
+            row = []
+            for answer in answers:
+                runs = [r for r in report["runs"] if r["model"] == model and r["answer"] == answer]
+                row.append(solve_cell(runs, budget) if runs else "-")
+            lines.append(f"| {model} | " + " | ".join(row) + " |")
+        lines += ["", "Sequence error (%) where each run stopped (solved, or at the budget):", ""]
     header = "| Model | " + " | ".join(f"{a} (ours)" for a in answers) + " | "
     header += " | ".join(f"{a} (paper)" for a in answers) + " |"
-    lines = [header, "|" + "---|" * (1 + 2 * len(answers))]
+    lines += [header, "|" + "---|" * (1 + 2 * len(answers))]
     for model in MODELS:
         ours = []
         for answer in answers:
@@ -76,16 +138,68 @@ def render(report: dict) -> str:
             ours.append(cell(errors) if errors else "-")
         paper = [PAPER[model][a] for a in answers]
         lines.append(f"| {model} | " + " | ".join(ours) + " | " + " | ".join(paper) + " |")
-    setting = report["setting"]
     seeds = ", ".join(str(s) for s in report["seeds"])
     lines += [
         "",
         f"Ours: teacher-forced sequence error (%) on {setting['eval_samples']} held-out samples, mean ± std "
         f"over seeds {seeds}; N = {setting['block_size']}, L = {setting['query_len']}, "
-        f"{setting['seq_len']} tokens, {setting['steps']} steps of {setting['batch']} "
+        f"{setting['seq_len']} tokens, at most {setting['steps']} steps of {setting['batch']} "
         f"(`{report['command']}`, {report['device']}). Paper: Table 1, N = 5, 100k steps.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """toy_table.png: held-out sequence error against steps, both models, every seed, a panel per answer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    answers = report["answers"]
+    fig, axes = plt.subplots(1, len(answers), figsize=(4.2 * len(answers), 3.6), sharey=True, squeeze=False)
+    colors = {"Transformer": "tab:gray", "MTA": "tab:blue"}
+    target = report["setting"].get("target")
+    for ax, answer in zip(axes[0], answers, strict=True):
+        for model in MODELS:
+            runs = sorted(
+                (r for r in report["runs"] if r["model"] == model and r["answer"] == answer),
+                key=lambda r: r["seed"],
+            )
+            for i, run in enumerate(runs):
+                curve = run.get("curve") or []
+                if not curve:
+                    continue
+                steps, errors = zip(*curve, strict=True)
+                label = model if i == 0 else None
+                ax.plot(steps, [100 * e for e in errors], color=colors[model], alpha=0.8, lw=1.2, label=label)
+                ax.annotate(str(run["seed"]), (steps[-1], 100 * errors[-1]), fontsize=7, color=colors[model])
+        if target is not None:
+            ax.axhline(100 * target, color="tab:red", ls=":", lw=1, label=f"{100 * target:g}%")
+        ax.set_title(f'answer "{answer}"')
+        ax.set_xlabel("training steps")
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out sequence error (%)")
+    axes[0][0].legend(fontsize=8)
+    setting = report["setting"]
+    fig.suptitle(
+        f"Toy task, N = {setting['block_size']}, {setting['seq_len']} tokens, batch {setting['batch']} "
+        f"(numbers: seeds)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def expected_seconds(cfg: TrainConfig, runs: int) -> float:
+    """An upper bound on the table's time: every run the whole budget (solved runs stop earlier)."""
+    tokens = cfg.global_batch_size * cfg.data.seq_len
+    flops = tokens * flops_lib.training_flops_per_token(cfg.model, cfg.data.seq_len)
+    per_step = SECONDS_PER_STEP * flops / SECONDS_PER_STEP_FLOPS
+    return runs * cfg.steps * per_step
 
 
 def _device_name() -> str:
@@ -107,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--answers", nargs="+", default=["all", "first", "last"], choices=["all", "first", "last"]
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--steps", type=int, help="override the config's steps")
     parser.add_argument(
@@ -128,12 +242,14 @@ def main(argv: list[str] | None = None) -> dict:
         "query_len": cfg.data.toy_query_len,
         "seq_len": cfg.data.seq_len,
         "steps": cfg.steps,
+        "eval_every": cfg.eval_every,
+        "target": cfg.stop_at_eval_error,
         "batch": cfg.global_batch_size,
         "eval_samples": cfg.eval_batches * cfg.global_batch_size,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "toy_table.json", out / "toy_table.md"
+    json_path, md_path, png_path = out / "toy_table.json", out / "toy_table.md", out / "toy_table.png"
     argv_text = " ".join(argv if argv is not None else sys.argv[1:])
     report = {
         "command": f"python bench/toy_table.py {argv_text}".strip(),
@@ -145,36 +261,60 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": _load(json_path, setting),
     }
     done = {(r["model"], r["answer"], r["seed"]) for r in report["runs"]}
-    for answer in args.answers:
-        for seed in args.seeds:
-            for model in args.models:
-                if (model, answer, seed) in done:
-                    continue
-                run_cfg = run_config(cfg, model, answer, seed, Path(args.runs_dir))
-                start = time.perf_counter()
-                result = train(run_cfg)
-                seconds = time.perf_counter() - start
-                metrics = result.eval_metrics or {}
-                record = {
-                    "model": model,
-                    "answer": answer,
-                    "seed": seed,
-                    "sequence_error": metrics.get("sequence_error"),
-                    "eval_loss": result.eval_loss,
-                    "seconds": round(seconds, 1),
-                    "run_dir": run_cfg.run_dir,
-                }
-                report["runs"].append(record)
-                print(
-                    f"{model:11s} answer={answer:5s} seed={seed}: "
-                    f"error {100 * record['sequence_error']:.1f}% in {seconds:.0f} s",
-                    flush=True,
-                )
-                json_path.write_text(json.dumps(report, indent=2) + "\n")
+    todo = [
+        (answer, seed, model)
+        for answer in args.answers
+        for seed in args.seeds
+        for model in args.models
+        if (model, answer, seed) not in done
+    ]
+    bound = expected_seconds(cfg, len(todo))
+    print(
+        f"{len(todo)} run(s) to train, at most {cfg.steps} steps each: at most {bound / 60:.0f} minutes "
+        f"on an idle 2-core CPU (runs that reach the target stop earlier; a busy CPU is slower)",
+        flush=True,
+    )
+    for answer, seed, model in todo:
+        run_cfg = run_config(cfg, model, answer, seed, Path(args.runs_dir))
+        start = time.perf_counter()
+        result = train(run_cfg)
+        seconds = time.perf_counter() - start
+        if result.preempted:  # SIGTERM or Ctrl-C: not a finished run; it resumes from its checkpoint
+            print(f"{model} answer={answer} seed={seed}: stopped at step {result.step}, not recorded")
+            break
+        record = run_record(run_cfg, result, model, seconds)
+        report["runs"].append(record)
+        solved = f"solved at step {record['steps_to_solve']}" if record["steps_to_solve"] else "not solved"
+        print(
+            f"{model:11s} answer={answer:5s} seed={seed}: {solved}, "
+            f"error {100 * record['sequence_error']:.1f}% at step {record['final_step']}, {seconds:.0f} s",
+            flush=True,
+        )
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     md_path.write_text(render(report))
+    plot(report, png_path)
     print(render(report))
     return report
+
+
+def run_record(run_cfg: TrainConfig, result, model: str, seconds: float) -> dict:
+    """One run of the table: where it stopped, its steps to solve, its eval-error curve."""
+    metrics = result.eval_metrics or {}
+    curve = eval_curve(run_cfg.run_dir)
+    target = run_cfg.stop_at_eval_error
+    return {
+        "model": model,
+        "answer": run_cfg.data.toy_answer,
+        "seed": run_cfg.seed,
+        "steps_to_solve": result.stopped_at if target is not None else None,
+        "final_step": result.step,
+        "sequence_error": metrics.get("sequence_error"),
+        "eval_loss": result.eval_loss,
+        "seconds": round(seconds, 1),
+        "run_dir": run_cfg.run_dir,
+        "curve": curve,
+    }
 
 
 if __name__ == "__main__":

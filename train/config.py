@@ -21,7 +21,7 @@ import yaml
 
 from mta_jax.config import ModelConfig, model_config_from_dict
 from train.checkpoint import CheckpointConfig
-from train.data import DataConfig
+from train.data import SYNTHETIC_KINDS, DataConfig
 from train.distributed import DistributedConfig
 from train.mesh import MeshConfig
 from train.optim import OptimizerConfig
@@ -45,6 +45,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 4
+    # Stop the run at the first evaluation whose held-out sequence error is <= this fraction (toy and
+    # needle tasks; checked at every eval, so it needs eval_every >= 1). None: run all the steps.
+    stop_at_eval_error: float | None = None
     progress: bool | None = None  # None: a progress bar on a terminal, plain log lines otherwise
     # Start from these parameters (a parameter directory or another run's directory, see
     # train/params_io.py) with a fresh optimizer, when run_dir has no checkpoint yet.
@@ -57,10 +60,25 @@ class TrainConfig:
                 raise ValueError(f"{field}={value!r} is invalid: must be an integer >= 1")
         if self.eval_every < 0:
             raise ValueError(f"eval_every={self.eval_every!r} is invalid: must be >= 0 (0: only at the end)")
+        self._check_stop_at_eval_error()
         if self.global_batch_size % self.microbatches:
             raise ValueError(
                 f"microbatches={self.microbatches!r} is invalid: must divide "
                 f"global_batch_size={self.global_batch_size}"
+            )
+
+    def _check_stop_at_eval_error(self) -> None:
+        target = self.stop_at_eval_error
+        if target is None:
+            return
+        name = f"stop_at_eval_error={target!r} is invalid"
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target < 1:
+            raise ValueError(f"{name}: must be a fraction in [0, 1) (0.01: stop at 1% sequence error)")
+        if self.eval_every < 1:
+            raise ValueError(f"{name}: needs eval_every >= 1 (it is checked at each evaluation)")
+        if self.data.kind not in SYNTHETIC_KINDS:
+            raise ValueError(
+                f"{name}: data.kind={self.data.kind!r} has no sequence error (only {SYNTHETIC_KINDS})"
             )
 
 

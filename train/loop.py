@@ -7,11 +7,16 @@ and data position together), so a killed run started again continues exactly. SI
 and SIGINT (Ctrl-C; a second one stops at once) save a checkpoint at the next step boundary and return
 cleanly. A NaN or inf loss or gradient norm stops the run with NonFiniteLossError, before that state is
 saved: the last checkpoint stays good.
+
+With cfg.stop_at_eval_error set, the run stops at the first evaluation whose held-out sequence error is
+<= that target: it saves that step's checkpoint, writes run_dir/stopped.json ({"step", "sequence_error",
+"target"}) and returns with RunResult.stopped_at = the step. Started again, such a run does not train on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import signal
@@ -34,6 +39,7 @@ from train.state import init_state
 from train.step import BATCH_KEYS, build_steps
 
 log = logging.getLogger("train")
+STOPPED_FILE = "stopped.json"  # written when a run stops at cfg.stop_at_eval_error
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,6 +53,7 @@ class RunResult:
     eval_loss: float | None
     preempted: bool
     eval_metrics: dict[str, float] | None = None  # the last evaluation: loss, accuracy, sequence_error (toy)
+    stopped_at: int | None = None  # the step whose evaluation reached cfg.stop_at_eval_error, if one did
 
 
 class _Preemption:
@@ -177,6 +184,15 @@ def train(cfg: TrainConfig) -> RunResult:
     eval_loss, eval_values = None, None
     step = start
     preempted = False
+    stopped_at = None
+    stop_path = run_dir / STOPPED_FILE
+    if cfg.stop_at_eval_error is not None and stop_path.is_file():
+        stopped = json.loads(stop_path.read_text())
+        if stopped["step"] == start and stopped["sequence_error"] <= cfg.stop_at_eval_error:
+            log.info("the run reached its target error at step %d: not training on", start)
+            eval_values = stopped.get("eval")
+            eval_loss = eval_values["loss"] if eval_values else None
+            return RunResult(start, {}, eval_loss, False, eval_values, stopped_at=start)
     logger = MetricsLogger(
         run_dir,
         total_steps=cfg.steps,
@@ -212,7 +228,27 @@ def train(cfg: TrainConfig) -> RunResult:
                     )
                     eval_loss = eval_values["loss"]
                     logger.log(step, eval_values, split="eval")
-            checkpointer.save(step, state, data_iter, force=must_stop or step == cfg.steps)
+                    target = cfg.stop_at_eval_error
+                    if target is not None and eval_values["sequence_error"] <= target:
+                        stopped_at = step
+            solved = stopped_at is not None
+            checkpointer.save(step, state, data_iter, force=must_stop or solved or step == cfg.steps)
+            if solved:
+                log.info(
+                    "step %d: sequence error %.4f <= stop_at_eval_error=%s; stopping",
+                    step,
+                    eval_values["sequence_error"],
+                    cfg.stop_at_eval_error,
+                )
+                if primary:
+                    record = {
+                        "step": step,
+                        "sequence_error": eval_values["sequence_error"],
+                        "target": cfg.stop_at_eval_error,
+                        "eval": eval_values,
+                    }
+                    stop_path.write_text(json.dumps(record) + "\n")
+                break
             if must_stop:
                 log.warning("preempted: saved step %d and stopping", step)
                 preempted = True
@@ -222,7 +258,7 @@ def train(cfg: TrainConfig) -> RunResult:
                 window_start, window_steps = time.perf_counter(), 0
         if pending is not None:
             _record(pending, losses)
-    return RunResult(step, losses, eval_loss, preempted, eval_values)
+    return RunResult(step, losses, eval_loss, preempted, eval_values, stopped_at)
 
 
 def _initial_params(cfg: TrainConfig):
