@@ -1,6 +1,6 @@
 """The paper's models on TPU slices, by compilation: per-chip memory, fit and estimated throughput.
 
-    python bench/pod_table.py [--models 300M 550M 880M 1B] [--topologies v5p-64 v6e-64] [--readme [README.md]]
+    python -m bench.pod_table [--models 300M 550M 880M 1B] [--topologies v5p-64 v6e-64] [--readme [README.md]]
 
 For every model (baseline and MTA, configs/train/<model>_<variant>.yaml: the paper's batch of 262,144
 tokens a step, 1B 524,288, at 2048 tokens) and topology, runs `python -m train.compile` unless its JSON
@@ -113,7 +113,7 @@ def markdown(table: list[dict]) -> str:
         return "-" if x is None else f"{100 * x:.0f}%"
 
     lines = [
-        "Per chip, `python bench/pod_table.py` (`python -m train.compile` for each cell; paper batch, 2048 "
+        "Per chip, `python -m bench.pod_table` (`python -m train.compile` for each cell; paper batch, 2048 "
         "tokens, bf16, the configs' mesh: fsdp over every chip). Memory is the compiled train step's peak "
         "(arguments + outputs - donated + temp); MFU and tokens/s are ROOFLINE ESTIMATES, not measurements.",
         "",
