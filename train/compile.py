@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from train.files import write_text_atomic
+
 GiB = 2**30
 
 
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summary(report), flush=True)
     out = Path(args.out) if args.out else default_out(args.config, pod.name, slices)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out, json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
     return 0 if report["fits"] else 1
 

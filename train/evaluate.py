@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from train import needles as needles_lib
+from train.files import write_text_atomic
 from train.needle_eval import SyntheticNeedles, TextNeedles, needle_grid, needle_table
 from train.scoring import invalid, lambada, model_scorer, pad_id_of, perplexity, read_lambada
 
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     print(_summary(result), flush=True)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.output, json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -32,6 +32,7 @@ from train import flops as flops_lib
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, check_resumable, dump
 from train.distributed import initialize
+from train.files import write_text_atomic
 from train.mesh import batch_sharding, make_mesh, sharding_context
 from train.metrics import MetricsLogger
 from train.params_io import check_params, load_params
@@ -143,7 +144,7 @@ def train(cfg: TrainConfig) -> RunResult:
     primary = jax.process_index() == 0
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump(cfg))
+        write_text_atomic(run_dir / "config.yaml", dump(cfg))
 
     vocab = data_lib.vocab_size(cfg.data)
     if cfg.model.vocab_size < vocab:
@@ -247,7 +248,7 @@ def train(cfg: TrainConfig) -> RunResult:
                         "target": cfg.stop_at_eval_error,
                         "eval": eval_values,
                     }
-                    stop_path.write_text(json.dumps(record) + "\n")
+                    write_text_atomic(stop_path, json.dumps(record) + "\n")
                 break
             if must_stop:
                 log.warning("preempted: saved step %d and stopping", step)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from mta_jax.config import ModelConfig, model_config_from_dict
 from mta_jax.model import MTATransformer
+from train.files import write_text_atomic
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def save_params(directory: str | os.PathLike, cfg: ModelConfig, params: PyTree, 
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / PARAMS_DIR, params, force=overwrite)
         checkpointer.wait_until_finished()
-    (directory / MODEL_FILE).write_text(yaml.safe_dump(_model_dict(cfg), sort_keys=False))
+    write_text_atomic(directory / MODEL_FILE, yaml.safe_dump(_model_dict(cfg), sort_keys=False))
     return directory
 
 

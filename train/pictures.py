@@ -33,6 +33,7 @@ import numpy as np
 from train import toy
 from train.attention_maps import model_attention_maps
 from train.drawing import PictureInput, draw_attention, draw_head_mix, draw_kernels
+from train.files import write_text_atomic
 
 PARAM_DIR_TOY_SEQ_LEN = 64  # toy samples for a parameter directory (no data config): this row length
 
@@ -286,7 +287,7 @@ def make_pictures(
         "files": files,
         "notes": notes,
     }
-    (out / "index.json").write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "index.json", json.dumps(index, indent=2, ensure_ascii=False) + "\n")
     return index
 
 
