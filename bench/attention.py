@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere, with or without 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.readme import replace_marked  # noqa: E402
 from bench.train_step import device_slug  # noqa: E402
 from mta_jax.attention import multi_token_attention  # noqa: E402
 from mta_jax.config import IMPLEMENTATIONS, MTAConfig  # noqa: E402
@@ -584,7 +585,6 @@ def render_table(report: dict, config: str | None = None, head_dim: int = 128, m
         ratios += [(f"pallas / {_dpa_label(records)} time", "median_s", "pallas", DPA)]
     settings = report["settings"]
     lines = [
-        MARKERS[0],
         f"`{config}` layer, {mode}, D={d}, H={settings['heads']}, Hkv={settings['kv_heads']}, "
         f"B={settings['batch']}, {settings['dtype']}, causal; measured on {report['device_kind']} "
         f"({report['platform']}), jax {report['jax_version']}, {report['timestamp_utc'][:10]}. "
@@ -602,7 +602,7 @@ def render_table(report: dict, config: str | None = None, head_dim: int = 128, m
         lines.append(f"| {seq} | " + " | ".join(cells) + " |")
     if skipped:
         lines += ["", "Not measured: " + "; ".join(f"{p} ({reason})" for p, reason in skipped.items()) + "."]
-    lines += ["", f"Full results: `bench/results/attention-{report['device']}.json` and `.png`.", MARKERS[1]]
+    lines += ["", f"Full results: `bench/results/attention-{report['device']}.json` and `.png`."]
     return "\n".join(lines)
 
 
@@ -625,11 +625,7 @@ def newest_report(folder: Path) -> Path:
 
 def write_readme(readme: Path, report: dict) -> None:
     """Replaces the region between the attention-table markers of readme (markers kept) by the table."""
-    text = readme.read_text()
-    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
-    if start < 0 or end < start:
-        raise ValueError(f"{readme}: the markers {MARKERS[0]} ... {MARKERS[1]} are missing")
-    readme.write_text(text[:start] + render_table(report) + text[end + len(MARKERS[1]) :])
+    replace_marked(readme, MARKERS, render_table(report))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -750,7 +746,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.readme is not None:
         report_path = newest_report(Path(args.out))
         report = json.loads(report_path.read_text())
-        write_readme(Path(args.readme), report)
+        try:
+            write_readme(Path(args.readme), report)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
         print(f"wrote the attention table of {args.readme} from {report_path}")
         return report
     device = jax.devices()[0]
@@ -796,7 +795,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _print_summary(report: dict, paths: list) -> None:
     print(f"\n{report['device_kind']}: {report['total_seconds']:.0f} s")
-    print(render_table(report).split("\n", 1)[1].rsplit("\n", 1)[0])
+    print(render_table(report))
     print("\nTargets:")
     for name, target in report["targets"].items():
         if name == "head_dim":

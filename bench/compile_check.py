@@ -39,6 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench.attention import DPA, layer_config  # noqa: E402
+from bench.readme import replace_marked  # noqa: E402
 from kernels import aot, roofline  # noqa: E402  (aot sets the plugins' environment before any backend starts)
 from kernels.chips import CHIPS, get_chip  # noqa: E402
 from kernels.ops import default_block_sizes, unsupported_option  # noqa: E402
@@ -440,9 +441,7 @@ def recost(path: Path) -> None:
 def write_readme(readme: Path, out: Path) -> None:
     results = [load(out / f"compile-{name}.json") for name in CHIPS]
     results = [r for r in results if r.get("points")]
-    text = readme.read_text()
-    start, end = text.index(MARKERS[0]) + len(MARKERS[0]), text.index(MARKERS[1])
-    readme.write_text(text[:start] + "\n" + readme_table(results) + text[end:])
+    replace_marked(readme, MARKERS, readme_table(results))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,7 +463,10 @@ def main(argv: list[str] | None = None) -> int:
                 recost(out / f"compile-{name}.json")
         return 0
     if args.readme:
-        write_readme(Path(args.readme), out)
+        try:
+            write_readme(Path(args.readme), out)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
         return 0
     out.mkdir(parents=True, exist_ok=True)
     for name in args.targets:

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.readme import replace_marked
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("300M", "550M", "880M", "1B")
 TOPOLOGIES = ("v5p-64", "v6e-64")
@@ -154,14 +156,6 @@ def goals_line(table: list[dict]) -> str:
     return line + "."
 
 
-def write_readme(path: Path, text: str) -> None:
-    readme = path.read_text()
-    start, end = (readme.find(m) for m in MARKERS)
-    if start < 0 or end < start:
-        raise SystemExit(f"{path} lacks the markers {MARKERS[0]} ... {MARKERS[1]}")
-    path.write_text(readme[: start + len(MARKERS[0])] + "\n" + text + "\n" + readme[end:])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -178,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows(args.models, args.topologies))
     print(text)
     if args.readme:
-        write_readme(Path(args.readme), text)
+        try:
+            replace_marked(Path(args.readme), MARKERS, text)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
         print(f"wrote the table into {args.readme}")
     return 0
 

@@ -3,6 +3,7 @@
 import pytest
 
 from bench import pod_table
+from bench.readme import replace_marked
 
 GiB = 2**30
 
@@ -54,11 +55,11 @@ def test_markdown_marks_unfit_runs_and_checks_the_goals():
 def test_readme_table_replaced_between_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{pod_table.MARKERS[0]}\nold\n{pod_table.MARKERS[1]}\nafter\n")
-    pod_table.write_readme(readme, "new table")
+    replace_marked(readme, pod_table.MARKERS, "new table")
     assert readme.read_text() == f"before\n{pod_table.MARKERS[0]}\nnew table\n{pod_table.MARKERS[1]}\nafter\n"
     (tmp_path / "other.md").write_text("no markers")
-    with pytest.raises(SystemExit, match="lacks the markers"):
-        pod_table.write_readme(tmp_path / "other.md", "x")
+    with pytest.raises(ValueError, match="other.md lacks the markers"):
+        replace_marked(tmp_path / "other.md", pod_table.MARKERS, "x")
 
 
 def test_step_estimate_never_counts_less_than_the_model_flops():
