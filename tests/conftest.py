@@ -4,6 +4,8 @@ MTA_TEST_SEED, printed in the header and the summary), and the slow marker."""
 import os
 import re
 import secrets
+import shutil
+import tempfile
 import zlib
 
 import numpy as np
@@ -13,9 +15,17 @@ import pytest
 # side by side, and the CUDA plugin must not print a traceback for the CUDA runtime this host lacks.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+# The tests' programs are tiny, so their time is XLA's compiling, not running: LLVM's cheapest code
+# generation halves the CPU compiles (the HLO, and so every result up to float rounding, is the same).
+FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+if FAST_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
 
 SEED_KEY = "mta_test_seed"
 BASE_SEED: int | None = None  # one per test session: drawn by the controller, sent to xdist workers
+# A persistent XLA compilation cache for the session's `python -m train` subprocesses
+# (tests/train_helpers.py): the same tiny model's steps compile once, not once per process.
+XLA_CACHE_KEY = "MTA_TEST_XLA_CACHE"
 
 
 def _session_seed(config) -> int:
@@ -53,12 +63,25 @@ def pytest_configure(config):
     global BASE_SEED
     BASE_SEED = _session_seed(config)
     _sweep_seeds(config)  # a bad range is a usage error before collection
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and XLA_CACHE_KEY in workerinput:
+        os.environ[XLA_CACHE_KEY] = workerinput[XLA_CACHE_KEY]
+    elif workerinput is None:  # the controller (or a run without xdist): one fresh cache per session
+        config._mta_xla_cache = tempfile.mkdtemp(prefix="mta-test-xla-cache-")
+        os.environ[XLA_CACHE_KEY] = config._mta_xla_cache
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_mta_xla_cache", None)
+    if cache is not None:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
-    """(pytest-xdist, on the controller) every worker gets the session's seed."""
+    """(pytest-xdist, on the controller) every worker gets the session's seed and compile cache."""
     node.workerinput[SEED_KEY] = BASE_SEED
+    node.workerinput[XLA_CACHE_KEY] = os.environ[XLA_CACHE_KEY]
 
 
 def _seed_line() -> str:

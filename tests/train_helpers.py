@@ -31,7 +31,9 @@ TINY = {
         },
     },
     "data": {"kind": "toy", "seq_len": 40, "toy_block_size": 3},
-    "optimizer": {"learning_rate": 3e-3, "warmup_steps": 2},
+    # Constant after warm-up: `steps` then leaves the compiled step unchanged, so runs of any length
+    # share the session's compilation cache (tests/train_helpers.compile_cache_env).
+    "optimizer": {"learning_rate": 3e-3, "warmup_steps": 2, "decay": "constant"},
     "checkpoint": {"every": 2, "keep": 3, "async_save": True},
     "steps": 6,
     "global_batch_size": 8,
@@ -52,18 +54,34 @@ def write_config(directory: Path, **overrides) -> Path:
 def cli_env(devices: int = 1, **extra: str) -> dict:
     keep = ("JAX_SKIP_CUDA_CONSTRAINTS_CHECK",)  # set by conftest.py for the `compile` extra's plugin
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k in keep}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # tests/conftest.py's fast-compile flag too, then the fake device count.
+    env["XLA_FLAGS"] = f"--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={devices}"
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
     return env
 
 
+def compile_cache_env() -> dict[str, str]:
+    """The test session's persistent XLA compilation cache (tests/conftest.py), if there is one. Its
+    file lock (on when a maximum size is set) keeps concurrent processes from reading half-written
+    entries."""
+    cache = os.environ.get("MTA_TEST_XLA_CACHE")
+    if cache is None:
+        return {}
+    return {
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 * 2**30),
+    }
+
+
 def cli(config: Path, *overrides: str, devices: int = 1, **popen) -> subprocess.Popen:
-    """`python -m train --config config overrides...` started in a subprocess."""
+    """`python -m train --config config overrides...` started in a subprocess, sharing the session's
+    compilation cache."""
     return subprocess.Popen(
         [sys.executable, "-m", "train", "--config", str(config), *overrides],
         cwd=ROOT,
-        env=cli_env(devices, **popen.pop("env", {})),
+        env=cli_env(devices, **compile_cache_env(), **popen.pop("env", {})),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
