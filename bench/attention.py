@@ -50,6 +50,7 @@ from bench.train_step import device_slug  # noqa: E402
 from mta_jax.attention import multi_token_attention  # noqa: E402
 from mta_jax.config import IMPLEMENTATIONS, MTAConfig  # noqa: E402
 from mta_jax.params import MTAParams, init_mta_params  # noqa: E402
+from train.files import write_text_atomic  # noqa: E402
 
 PATHS = ("reference", "blockwise", "pallas", "dot_product_attention")
 DPA = "dot_product_attention"
@@ -781,9 +782,7 @@ def main(argv: list[str] | None = None) -> dict:
         report.update(
             records=records, targets=compute_targets(records), total_seconds=time.perf_counter() - start
         )
-        temporary = json_path.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(report, indent=2) + "\n")
-        temporary.replace(json_path)
+        write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
 
     records = sweep(args, save)
     report["complete"] = True

@@ -45,6 +45,7 @@ from kernels.chips import CHIPS, get_chip  # noqa: E402
 from kernels.ops import default_block_sizes, unsupported_option  # noqa: E402
 from mta_jax.attention import multi_token_attention  # noqa: E402
 from mta_jax.params import init_mta_params  # noqa: E402
+from train.files import write_text_atomic  # noqa: E402
 
 LAYERS = ("kq_conv", "kq_conv_mix4", "head_mix", "mix_all", "kq_conv_mix_all", "full")
 PATHS = ("pallas", "blockwise", "reference", DPA)
@@ -435,7 +436,7 @@ def recost(path: Path) -> None:
         model = _model_cost(point, cfg, record.get("tiles"), record.get("dpa_implementation"), chip)
         record["model_cost"] = model
         record["roofline_estimate"] = roofline.estimate_seconds(model, chip.peak_flops, chip.hbm_bandwidth)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def write_readme(readme: Path, out: Path) -> None:
@@ -492,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             record = check_point(chip, device, Point(layer, p, d, seq, mode))
             done.append(record)
             _print(name, record)
-            path.write_text(json.dumps(merge(load(path), done, header), indent=1) + "\n")
+            write_text_atomic(path, json.dumps(merge(load(path), done, header), indent=1) + "\n")
         print(f"{name}: wrote {path}; targets: {json.dumps(load(path).get('targets'))}", flush=True)
     return 0
 

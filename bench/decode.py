@@ -39,6 +39,7 @@ from bench.train_step import device_slug  # noqa: E402
 from mta_jax.config import ModelConfig, MTAConfig  # noqa: E402
 from mta_jax.decode import cache_bytes  # noqa: E402
 from mta_jax.model import MTATransformer, count_params  # noqa: E402
+from train.files import write_text_atomic  # noqa: E402
 
 PAPER_MTA = MTAConfig(pre_conv=(6, 11), post_conv=(6, 11), group_norm=True, gate="scalar")
 
@@ -180,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             for record in measure_pair(configs, batch, cache_len, args):
                 report["records"].append(record)
                 name = record["model"]
-                path.write_text(json.dumps(report, indent=1) + "\n")  # after every point
+                write_text_atomic(path, json.dumps(report, indent=1) + "\n")  # after every point
                 speed = f"{record['tokens_per_s']:9.1f} tokens/s, {record['ms_per_step']:7.2f} ms/step"
                 memory = f"cache {record['cache_bytes'] / 2**20:8.2f} MiB"
                 print(f"{name:8s} batch {batch:3d} cache {cache_len:6d}: {speed}, {memory}", flush=True)
     report["ratios"] = ratios(report["records"])
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=1) + "\n")
     for point in report["ratios"]:
         time_ratio, bytes_ratio = point["mta_over_baseline_time"], point["mta_over_baseline_cache_bytes"]
         print(

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from bench.readme import replace_marked
+from train.files import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("300M", "550M", "880M", "1B")
@@ -106,7 +107,7 @@ def _load(model: str, variant: str, topology: str) -> dict | None:
         estimate = step_estimate(report, get_pod(topology).chip)
         if estimate != report.get("estimate"):
             report["estimate"] = estimate
-            path.write_text(json.dumps(report, indent=1) + "\n")
+            write_text_atomic(path, json.dumps(report, indent=1) + "\n")
     return report
 
 

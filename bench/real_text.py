@@ -30,6 +30,7 @@ import jax  # noqa: E402
 
 from mta_jax.model import count_params  # noqa: E402
 from train.config import TrainConfig, load_train_config  # noqa: E402
+from train.files import write_text_atomic  # noqa: E402
 from train.loop import train  # noqa: E402
 
 MODELS = ("baseline", "mta")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"real_text-{report['device']}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
     print(render(report))
     print(f"wrote {path}")
     return report

@@ -37,6 +37,7 @@ import jax  # noqa: E402
 
 from train import flops as flops_lib  # noqa: E402
 from train.config import TrainConfig, load_train_config, to_dict  # noqa: E402
+from train.files import write_text_atomic  # noqa: E402
 from train.loop import train  # noqa: E402
 
 # Table 1 of the paper (spec section 6): error %, mean +- std over 3 seeds, N = 5, 100k steps.
@@ -290,9 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"error {100 * record['sequence_error']:.1f}% at step {record['final_step']}, {seconds:.0f} s",
             flush=True,
         )
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(render(report))
+        write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(md_path, render(report))
     plot(report, png_path)
     print(render(report))
     return report

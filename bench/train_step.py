@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from mta_jax.config import IMPLEMENTATIONS, ModelConfig, load_model_config  # noqa: E402
 from mta_jax.model import count_params  # noqa: E402
 from train import flops as flops_lib  # noqa: E402
+from train.files import write_text_atomic  # noqa: E402
 from train.mesh import MeshConfig, batch_sharding, make_mesh, replicated  # noqa: E402
 from train.optim import OptimizerConfig, learning_rate_schedule, make_optimizer  # noqa: E402
 from train.state import abstract_model, init_state, state_shardings  # noqa: E402
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"train_step-{report['device']}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
     _print_summary(report, path)
     return report
 
