@@ -7,6 +7,7 @@ with a wide QK contraction, a band correction near the causal diagonal, and head
     z[h]        = sum_h' pre_mix[g, h', h] s[h']          within contiguous head groups (identity if None)
     z           = MASK_VALUE where invisible
     P[h]        = softmax_j(z[h]), 0 where invisible (a row with no visible key is all 0)
+    P[h]        = visible * key_query_conv(P[h], post_conv[h])   (only with post_conv: mta_jax/conv.py's)
     Pf[h]       = sum_h' post_mix[g, h', h] P[h']         (identity if None)
     Pf          = Pf * keep / (1 - rate)                  (attention dropout, only when asked for)
     out[h, i]   = sum_j Pf[h, i, j] v[h // (H / Hkv), j]
@@ -16,10 +17,11 @@ visible(i, j) = q_segment_ids[i] == kv_segment_ids[j] and (not causal or j <= i 
 Shapes: qp [B, H, C, T, Dk]; kp [B, H, C, S, Dk] (C slabs: the QK contraction is C * Dk wide);
 v [B, Hkv, S, D]; band [B, H, T, W] float32 or None;
 q_segment_ids [B, T] and kv_segment_ids [B, S] int32; pre_mix / post_mix [H / c, c, c] in (in, out)
-layout or None. qp already carries the softmax scale. Returns out [B, H, T, D] float32 and the
-log-sum-exp of z per row, lse [B, H, T] float32 (0 for rows with no visible key). Dropout: keep is
-mta_jax/dropout.py's mask from per-(batch row, head) seeds [B, H] at query positions i - q_offset and
-key positions j - kv_offset (the offsets undo the kernels' front padding).
+layout or None; post_conv [H, c_q, c_k] or None (the post-softmax conv, with pad_key's key padding
+and the segment ids' row masks). qp already carries the softmax scale. Returns out [B, H, T, D]
+float32 and the log-sum-exp of z per row, lse [B, H, T] float32 (0 for rows with no visible key).
+Dropout: keep is mta_jax/dropout.py's mask from per-(batch row, head) seeds [B, H] at query positions
+i - q_offset and key positions j - kv_offset (the offsets undo the kernels' front padding).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from mta_jax import dropout
+from mta_jax.conv import key_query_conv
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -78,6 +81,8 @@ def core_reference(
     dropout_rate: float = 0.0,
     q_offset: int = 0,
     kv_offset: int = 0,
+    post_conv: jax.Array | None = None,
+    pad_key: str = "both",
 ) -> tuple[jax.Array, jax.Array]:
     """The core op, materialising [B, H, T, S]. Returns (out [B, H, T, D] float32, lse [B, H, T])."""
     acc = jnp.promote_types(qp.dtype, jnp.float32)
@@ -94,6 +99,9 @@ def core_reference(
     probs = e / jnp.where(total == 0.0, 1.0, total)
     empty = total[..., 0] == 0.0
     lse = jnp.where(empty, 0.0, m[..., 0] + jnp.log(jnp.where(empty, 1.0, total[..., 0])))
+    if post_conv is not None:
+        probs = key_query_conv(probs, post_conv.astype(acc), visible[:, 0], pad_key, q_segment_ids)
+        probs = jnp.where(visible, probs, 0.0)
     probs = _mix(probs, post_mix)
     if dropout_rate:
         rows = jnp.arange(qp.shape[3], dtype=jnp.int32)[:, None] - q_offset

@@ -55,6 +55,9 @@ class Config:
     dropout_rate: float = 0.0  # attention dropout (0: none); the mask hashes mta_jax/dropout.py's way
     q_offset: int = 0  # rows padded in front of the queries: row r is query position r - q_offset
     kv_offset: int = 0  # the same for the keys
+    conv_q: int = 0  # post-softmax conv (c_q, c_k) and its left key padding (0: no post conv)
+    conv_k: int = 0
+    conv_left: int = 0
 
     @property
     def num_q(self) -> int:
@@ -68,6 +71,11 @@ class Config:
     def shift(self) -> int:
         """Bottom-right causal alignment: query i sees key j <= i + shift."""
         return self.kv_len - self.q_len
+
+    @property
+    def halo(self) -> int:
+        """Rows above a q tile that the post conv reads: c_q - 1 rounded up to whole sublane tiles."""
+        return -(-(self.conv_q - 1) // SUBLANES) * SUBLANES if self.conv_q > 1 else 0
 
     def v_index(self, head: int) -> int:
         """Index into the v block of the kv head of head `head` of the group."""
@@ -116,9 +124,9 @@ def should_run(cfg: Config, qi, ki):
     return ki * cfg.block_k <= qi * cfg.block_q + cfg.block_q - 1 + cfg.shift
 
 
-def band_hits(cfg: Config, qi, ki):
-    """Whether tile (qi, ki) intersects the band 0 <= (i + shift) - j < W."""
-    lo = qi * cfg.block_q + cfg.shift - ki * cfg.block_k - (cfg.block_k - 1)
+def band_hits(cfg: Config, qi, ki, halo: int = 0):
+    """Whether tile (qi, ki), with `halo` rows above it, intersects the band 0 <= (i + shift) - j < W."""
+    lo = qi * cfg.block_q - halo + cfg.shift - ki * cfg.block_k - (cfg.block_k - 1)
     hi = qi * cfg.block_q + cfg.block_q - 1 + cfg.shift - ki * cfg.block_k
     return jnp.logical_and(lo < cfg.width, hi >= 0)
 
@@ -150,14 +158,28 @@ def mix_tiles(tiles, ref, cfg: Config, size: int, transpose: bool = False):
 # Kernel bodies
 
 
-def tile_scores(r, cfg: Config, qi, ki):
+def with_halo(r, name: str, halo: int, index=()):
+    """Rows of per-row block `name` (at `index`) with the `halo` rows of block name + "_above" on top."""
+    main = r[name][index] if index else r[name][...]
+    if not halo:
+        return main
+    above = r[name + "_above"][index] if index else r[name + "_above"][...]
+    return jnp.concatenate([above, main], axis=0)
+
+
+def tile_scores(r, cfg: Config, qi, ki, halo: int = 0):
     """Score tiles of the head group. Returns (s [G x [bq, bk]] pre-mix scores with band, z [G x ...] masked
-    logits, visible [bq, bk], offset [bq, bk] = (i + shift) - j)."""
+    logits, visible [bq, bk], offset [bq, bk] = (i + shift) - j). With halo > 0 the tiles also hold the
+    `halo` rows above the q tile (blocks qp_above, qseg_above, band_above): [halo + bq, bk]; rows before
+    the sequence are hidden."""
     bq, bk = cfg.block_q, cfg.block_k
-    shape = (bq, bk)
-    rows = lax.broadcasted_iota(jnp.int32, shape, 0) + (qi * bq + cfg.shift)
+    shape = (halo + bq, bk)
+    local = lax.broadcasted_iota(jnp.int32, shape, 0) + (qi * bq - halo)
+    rows = local + cfg.shift
     cols = lax.broadcasted_iota(jnp.int32, shape, 1) + ki * bk
-    visible = to_lanes(r["qseg"][...], bk) == r["kvseg"][0:1, :]
+    visible = to_lanes(with_halo(r, "qseg", halo), bk) == r["kvseg"][0:1, :]
+    if halo:
+        visible = jnp.logical_and(visible, local >= 0)
     if cfg.causal:
         visible = jnp.logical_and(visible, cols <= rows)
     offset = rows - cols
@@ -166,7 +188,11 @@ def tile_scores(r, cfg: Config, qi, ki):
     for t in range(cfg.group):
         acc = None
         for c in range(n_slabs):
-            part = lax.dot_general(r["qp"][t, c], r["kp"][t, c], NT_DIMS, preferred_element_type=jnp.float32)
+            kp = r["kp"][t, c]
+            part = lax.dot_general(r["qp"][t, c], kp, NT_DIMS, preferred_element_type=jnp.float32)
+            if halo:  # float32 results are whole (8, 128) tiles; bfloat16 halo rows would not be
+                above = lax.dot_general(r["qp_above"][t, c], kp, NT_DIMS, preferred_element_type=jnp.float32)
+                part = jnp.concatenate([above, part], axis=0)
             acc = part if acc is None else acc + part
         s.append(acc)
     if cfg.width:
@@ -174,23 +200,24 @@ def tile_scores(r, cfg: Config, qi, ki):
         def sub_band(tiles):
             out = []
             for t in range(cfg.group):
-                band = r["band"][t].astype(jnp.float32)  # [bq, W]
+                band = with_halo(r, "band", halo, (t,)).astype(jnp.float32)  # [halo + bq, W]
                 bias = jnp.zeros(shape, jnp.float32)
                 for w in range(cfg.width):
                     bias = jnp.where(offset == w, band[:, w : w + 1], bias)
                 out.append(tiles[t] - bias)
             return tuple(out)
 
-        s = list(lax.cond(band_hits(cfg, qi, ki), sub_band, lambda tiles: tuple(tiles), tuple(s)))
+        s = list(lax.cond(band_hits(cfg, qi, ki, halo), sub_band, lambda tiles: tuple(tiles), tuple(s)))
     z = mix_tiles(s, r["pre"], cfg, cfg.pre_size) if cfg.pre_size else s
     z = [jnp.where(visible, zt, MASK_VALUE) for zt in z]
     return s, z, visible, offset
 
 
-def tile_probs(r, z, visible, cfg: Config):
-    """Normalised P [G x [bq, bk]] from the saved lse."""
+def tile_probs(r, z, visible, cfg: Config, halo: int = 0):
+    """Normalised P [G x [halo + bq, bk]] from the saved lse (of block lse, with lse_above's rows on top)."""
     return [
-        jnp.where(visible, jnp.exp(z[t] - to_lanes(r["lse"][t], cfg.block_k)), 0.0) for t in range(cfg.group)
+        jnp.where(visible, jnp.exp(z[t] - to_lanes(with_halo(r, "lse", halo, (t,)), cfg.block_k)), 0.0)
+        for t in range(cfg.group)
     ]
 
 
@@ -255,11 +282,14 @@ def head_pairs(cfg: Config, size: int):
 # pallas_call plumbing
 
 
-def _kernel(*refs, body, cfg: Config, names: tuple[str, ...]):
+def bind_refs(*refs, body, cfg: Config, names: tuple[str, ...]):
+    """The kernel: refs by name (SMEM tables with this program's offset), then body(r, cfg, outer, inner)."""
     r = dict(zip(names, refs, strict=True))
     for name in ("pre", "post"):  # program ids are read here, outside any pl.when (interpret mode needs it)
         if name in r:
             r[name] = (r[name], pl.program_id(1) * (cfg.group * cfg.group))
+    if "postw" in r:  # flat [H * c_q * c_k] post-conv weights: this program's first head
+        r["postw"] = (r["postw"], pl.program_id(1) * (cfg.group * cfg.conv_q * cfg.conv_k))
     if "seeds" in r:  # flat [B * H]: this program's batch row, first head of its group
         r["seeds"] = (r["seeds"], pl.program_id(0) * cfg.heads + pl.program_id(1) * cfg.group)
     body(r, cfg, pl.program_id(2), pl.program_id(3))  # (outer tile, inner tile)
@@ -389,7 +419,7 @@ def run_kernel(mode: str, body, cfg: Config, inputs: dict, outputs: dict, scratc
     batch = next(iter(inputs.values())).shape[0]
     grid = (batch, cfg.heads // cfg.group, outer, inner)
     names = tuple(inputs) + tuple(outputs) + tuple(scratch)
-    kernel = functools.partial(_kernel, body=body, cfg=cfg, names=names)
+    kernel = functools.partial(bind_refs, body=body, cfg=cfg, names=names)
     arrays = [*inputs.values(), *outputs.values()]
     blocks = [
         (spec.block_shape, a.dtype)

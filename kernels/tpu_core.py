@@ -16,7 +16,9 @@ import jax.numpy as jnp
 from kernels.tpu_bwd import backward
 from kernels.tpu_common import LANES, SUBLANES, Config
 from kernels.tpu_fwd import forward
+from kernels.tpu_post_conv import forward_post_conv
 from kernels.tpu_tiles import TpuBlockSizes, TpuTiles
+from mta_jax.params import key_padding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,25 @@ def _core_bwd(launch: _Launch, res, dout):
 
 
 _core.defvjp(_core_fwd, _core_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core_post_conv(launch: _Launch, qp, kp, v, band, qseg, kvseg, pre, post, seeds, postw):
+    return forward_post_conv(launch.fwd, qp, kp, v, band, qseg, kvseg, pre, post, seeds, postw)[0]
+
+
+def _core_post_conv_fwd(launch: _Launch, *args):
+    return _core_post_conv(launch, *args), None
+
+
+def _core_post_conv_bwd(launch: _Launch, res, dout):
+    raise NotImplementedError(
+        "the backward of the post-softmax conv is not in the TPU kernels yet (docs/post_conv_kernels.md); "
+        'differentiate implementation="blockwise" instead'
+    )
+
+
+_core_post_conv.defvjp(_core_post_conv_fwd, _core_post_conv_bwd)
 
 
 def _check_blocks(tiles: TpuTiles, q_len: int, kv_len: int) -> TpuTiles:
@@ -89,6 +110,8 @@ def mta_core_tpu(
     dropout_rate: float = 0.0,
     q_offset: int = 0,
     kv_offset: int = 0,
+    post_conv: jax.Array | None = None,
+    pad_key: str = "both",
     interpret: bool = False,
 ) -> jax.Array:
     """The MTA core op (kernels/core_reference.py) as Pallas TPU kernels. Returns out [B, H, T, D] float32.
@@ -100,6 +123,8 @@ def mta_core_tpu(
     must divide them (the caller pads). vmem_bytes: the chip's VMEM, which caps vmem_limit_bytes.
     dropout_seeds [B, H] (mta_jax.dropout.head_seeds, int32 or uint32) with dropout_rate > 0: attention
     dropout with mta_jax/dropout.py's mask at query position row - q_offset, key position col - kv_offset.
+    post_conv [H, c_q, c_k] (keys padded by pad_key): the post-softmax conv, forward only so far
+    (tpu_post_conv.py); block_k must then be a multiple of 128 (or S) and block_q of Config.halo.
     """
     batch, heads, n_slabs, q_len, _ = qp.shape
     kv_len = kp.shape[3]
@@ -125,6 +150,12 @@ def mta_core_tpu(
         raise ValueError(
             f"dropout_rate={dropout_rate} needs dropout_seeds of shape {(batch, heads)}, got {shape}"
         )
+    conv = {}
+    if post_conv is not None:
+        if post_conv.shape[0] != heads or post_conv.ndim != 3:
+            raise ValueError(f"post_conv of shape {post_conv.shape} must be [H={heads}, c_q, c_k]")
+        c_q, c_k = post_conv.shape[1:]
+        conv = dict(conv_q=c_q, conv_k=c_k, conv_left=key_padding(c_k, pad_key)[0])
     rep = heads // kv_heads
     if rep % group == 0:
         v_block = 1
@@ -153,6 +184,7 @@ def mta_core_tpu(
             dropout_rate=float(dropout_rate),
             q_offset=q_offset,
             kv_offset=kv_offset,
+            **conv,
         )
 
     launch = _Launch(config(blocks.fwd), config(blocks.dq), config(blocks.dkv))
@@ -163,4 +195,16 @@ def mta_core_tpu(
     seeds = None
     if dropout_rate:
         seeds = jax.lax.bitcast_convert_type(dropout_seeds, jnp.int32).reshape(-1)  # SMEM, flat
+    if post_conv is not None:
+        fwd = launch.fwd
+        if fwd.halo and (fwd.block_q % fwd.halo or fwd.halo > fwd.block_q):
+            raise ValueError(
+                f"block_q={fwd.block_q} must be a multiple of {fwd.halo} (the post conv's rows above)"
+            )
+        if max(post_conv.shape[2] - 1, 1) > fwd.block_k:
+            raise ValueError(
+                f"post_conv c_k={post_conv.shape[2]} needs block_k >= c_k - 1, got {fwd.block_k}"
+            )
+        postw = post_conv.astype(jnp.float32).reshape(-1)
+        return _core_post_conv(launch, qp, kp, v, band, qseg, kvseg, pre, post, seeds, postw)
     return _core(launch, qp, kp, v, band, qseg, kvseg, pre, post, seeds)

@@ -18,7 +18,7 @@ from kernels.core_reference import MASK_VALUE
 from kernels.tpu_common import LANES, Config
 
 
-def _fwd_online(r, cfg: Config, qi, ki):
+def fwd_online(r, cfg: Config, qi, ki):
     """Online softmax + P V (no post_mix), or the lse alone (`out` absent)."""
 
     @pl.when(ki == 0)
@@ -92,10 +92,10 @@ def forward(cfg: Config, qp, kp, v, band, qseg, kvseg, pre, post, seeds):
     stats = {"m": ((*rows, LANES), f32), "l": ((*rows, LANES), f32)}
     if not cfg.post_size:
         outputs = {"out": out_sds, "lse": lse_sds}
-        res = tc.run_kernel("fwd", _fwd_online, cfg, inputs, outputs, {**stats, "acc": ((*rows, dim), f32)})
+        res = tc.run_kernel("fwd", fwd_online, cfg, inputs, outputs, {**stats, "acc": ((*rows, dim), f32)})
         return res["out"], res["lse"]
     lse = tc.run_kernel(
-        "lse", _fwd_online, cfg, {**inputs, "v": None, "seeds": None}, {"lse": lse_sds}, stats
+        "lse", fwd_online, cfg, {**inputs, "v": None, "seeds": None}, {"lse": lse_sds}, stats
     )["lse"]
     out = tc.run_kernel("fwd_post", _fwd_post, cfg, {**inputs, "lse": lse}, {"out": out_sds}, {})["out"]
     return out, lse

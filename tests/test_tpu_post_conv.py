@@ -1,0 +1,145 @@
+"""kernels/tpu_post_conv.py: the TPU forward with the post-softmax conv against core_reference (Mosaic
+interpret mode on CPU), its refusals, and libtpu's verdict for a v5e."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.core_reference import core_reference
+from kernels.tpu_core import mta_core_tpu
+from tests.test_compile_targets import device_or_skip
+from tests.test_tpu_core import _inputs
+
+# (shape and options of tests/test_tpu_core.py's _inputs, (c_q, c_k), pad_key)
+CASES = {
+    # The paper's conv size with packing, a band, mixing before and after the softmax and GQA.
+    "paper_6x11_causal": (
+        dict(heads=2, kv_heads=1, slabs=2, q_len=256, kv_len=256, width=3, causal=True, pre=2, post=2),
+        (6, 11),
+        "both",
+    ),
+    "left_noncausal_dropout": (
+        dict(heads=2, kv_heads=2, slabs=1, q_len=128, kv_len=256, causal=False, post=2, dropout=0.3),
+        (2, 3),
+        "left",
+    ),
+    # T > S: the first query rows see no key; c_q = 1 needs no rows above the tile.
+    "right_rows_without_keys": (
+        dict(heads=1, kv_heads=1, slabs=1, q_len=256, kv_len=128, causal=True),
+        (1, 4),
+        "right",
+    ),
+    "sixteen_rows_above": (
+        dict(heads=2, kv_heads=1, slabs=1, q_len=256, kv_len=256, width=2, causal=True, pre=2),
+        (10, 3),
+        "both",
+    ),
+}
+BF16_CASES = {"bf16_pre_post": CASES["paper_6x11_causal"]}
+# The paper's layer: 16-head mixing on both sides; about a minute interpreted.
+SLOW_CASES = {
+    "mix16_paper_layer": (
+        dict(heads=16, kv_heads=4, slabs=1, q_len=256, kv_len=256, width=3, causal=True, pre=16, post=16,
+             batch=1, dropout=0.1),
+        (6, 11),
+        "both",
+    ),
+}  # fmt: skip
+
+
+def _run(rng, case, dtype):
+    options, (c_q, c_k), pad_key = case
+    x = _inputs(rng, **options)
+    heads = options["heads"]
+    kernel = jnp.asarray(rng.standard_normal((heads, c_q, c_k)) * 0.5, jnp.float32)
+    q_seg, kv_seg = x["segs"]
+    halo = -(-(c_q - 1) // 8) * 8
+    block_q = int(rng.choice([b for b in (32, 64, 128) if not halo or b % halo == 0]))
+    print(f"block_q={block_q}")
+    qp, kp, v = (x[n].astype(dtype) for n in ("qp", "kp", "v"))
+    common = (qp, kp, v, x["band"], q_seg, kv_seg, x["pre_mix"], x["post_mix"])
+    out = mta_core_tpu(
+        *common, causal=options["causal"], block_q=block_q, block_k=128, interpret=True,
+        post_conv=kernel, pad_key=pad_key, **x["dropout"],
+    )  # fmt: skip
+    want = core_reference(
+        *common, causal=options["causal"], post_conv=kernel, pad_key=pad_key, **x["dropout"]
+    )[0]
+    return out, want
+
+
+def _assert_close(out, want, rtol: float):
+    assert out.dtype == jnp.float32 and out.shape == want.shape
+    np.testing.assert_allclose(out, want, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("case", list(CASES) + [pytest.param(c, marks=pytest.mark.slow) for c in SLOW_CASES])
+def test_matches_reference_f32(case, rng):
+    out, want = _run(rng, {**CASES, **SLOW_CASES}[case], jnp.float32)
+    _assert_close(out, want, 1e-4)
+
+
+@pytest.mark.parametrize("case", list(BF16_CASES))
+def test_matches_reference_bf16(case, rng):
+    out, want = _run(rng, BF16_CASES[case], jnp.bfloat16)
+    _assert_close(out, want, 2e-2)
+
+
+def _zeros(heads=2, q_len=128, c_q=3, c_k=5):
+    qp = jnp.zeros((1, heads, 1, q_len, 8))
+    seg = jnp.zeros((1, q_len), jnp.int32)
+    return (qp, qp, qp[:, :, 0], None, seg, seg, None, None), jnp.zeros((heads, c_q, c_k))
+
+
+def test_differentiating_says_the_backward_is_not_there_yet():
+    args, kernel = _zeros()
+
+    def loss(qp):
+        return mta_core_tpu(qp, *args[1:], causal=True, interpret=True, post_conv=kernel).sum()
+
+    with pytest.raises(NotImplementedError, match="backward of the post-softmax conv"):
+        jax.grad(loss)(args[0])
+
+
+@pytest.mark.parametrize(
+    "kernel_shape, blocks, match",
+    [
+        ((3, 3, 5), {}, r"post_conv of shape \(3, 3, 5\) must be \[H=2"),
+        ((2, 10, 3), dict(block_q=8), "block_q=8 must be a multiple of 16"),
+    ],
+)
+def test_bad_post_conv_options(kernel_shape, blocks, match):
+    args, _ = _zeros()
+    with pytest.raises(ValueError, match=match):
+        mta_core_tpu(*args, causal=True, interpret=True, post_conv=jnp.zeros(kernel_shape), **blocks)
+
+
+def test_compiles_for_v5e():
+    """libtpu accepts the forward at the paper's conv size with a band and mixing (G = 2, D = 128, bf16)."""
+    from kernels import aot
+
+    device = device_or_skip("v5e")
+    heads, slabs, q_len, dim, width = 2, 6, 512, 128, 10
+
+    def shape(*dims, dtype=jnp.bfloat16):
+        return aot.abstract(device, dims, dtype)
+
+    args = (
+        shape(1, heads, slabs, q_len, dim), shape(1, heads, slabs, q_len, dim), shape(1, heads, q_len, dim),
+        shape(1, heads, q_len, width, dtype=jnp.float32), shape(1, q_len, dtype=jnp.int32),
+        shape(1, q_len, dtype=jnp.int32), shape(1, 2, 2, dtype=jnp.float32),
+        shape(1, 2, 2, dtype=jnp.float32), shape(heads, 6, 11, dtype=jnp.float32),
+    )  # fmt: skip
+
+    def forward(qp, kp, v, band, q_seg, kv_seg, pre, post, kernel):
+        return mta_core_tpu(
+            qp, kp, v, band, q_seg, kv_seg, pre, post, causal=True, block_q=128, block_k=256,
+            vmem_bytes=128 * 2**20, post_conv=kernel,
+        )  # fmt: skip
+
+    with aot.target_mesh(device):
+        compiled = jax.jit(forward).trace(*args).lower().compile()
+    assert "mta_core_fwd_post_conv" in compiled.as_text()
