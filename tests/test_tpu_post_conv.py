@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernels.chips import get_chip
 from kernels.core_reference import core_reference
 from kernels.tpu_core import mta_core_tpu
 from tests.test_compile_targets import device_or_skip
@@ -117,29 +118,47 @@ def test_bad_post_conv_options(kernel_shape, blocks, match):
         mta_core_tpu(*args, causal=True, interpret=True, post_conv=jnp.zeros(kernel_shape), **blocks)
 
 
-def test_compiles_for_v5e():
-    """libtpu accepts the forward at the paper's conv size with a band and mixing (G = 2, D = 128, bf16)."""
+def _compile_forward(target: str, heads: int, q_len: int, block_q: int, block_k: int):
+    """Deviceless compile of the forward of the paper's full layer (pre and post 6 x 11, mixing over all
+    `heads`, band, causal, D = 128, bf16, B = 1) for `target`; returns the compiled executable."""
     from kernels import aot
 
-    device = device_or_skip("v5e")
-    heads, slabs, q_len, dim, width = 2, 6, 512, 128, 10
+    device = device_or_skip(target)
+    slabs, dim, width = 6, 128, 10
 
     def shape(*dims, dtype=jnp.bfloat16):
         return aot.abstract(device, dims, dtype)
 
+    mix = shape(1, heads, heads, dtype=jnp.float32)
     args = (
         shape(1, heads, slabs, q_len, dim), shape(1, heads, slabs, q_len, dim), shape(1, heads, q_len, dim),
         shape(1, heads, q_len, width, dtype=jnp.float32), shape(1, q_len, dtype=jnp.int32),
-        shape(1, q_len, dtype=jnp.int32), shape(1, 2, 2, dtype=jnp.float32),
-        shape(1, 2, 2, dtype=jnp.float32), shape(heads, 6, 11, dtype=jnp.float32),
+        shape(1, q_len, dtype=jnp.int32), mix, mix, shape(heads, 6, 11, dtype=jnp.float32),
     )  # fmt: skip
 
     def forward(qp, kp, v, band, q_seg, kv_seg, pre, post, kernel):
         return mta_core_tpu(
-            qp, kp, v, band, q_seg, kv_seg, pre, post, causal=True, block_q=128, block_k=256,
-            vmem_bytes=128 * 2**20, post_conv=kernel,
+            qp, kp, v, band, q_seg, kv_seg, pre, post, causal=True, block_q=block_q, block_k=block_k,
+            vmem_bytes=get_chip(target).vmem_bytes, post_conv=kernel,
         )  # fmt: skip
 
     with aot.target_mesh(device):
-        compiled = jax.jit(forward).trace(*args).lower().compile()
+        return jax.jit(forward).trace(*args).lower().compile()
+
+
+def test_compiles_for_v5e():
+    """libtpu accepts the forward at the paper's conv size with a band and mixing (G = 2)."""
+    compiled = _compile_forward("v5e", heads=2, q_len=512, block_q=128, block_k=256)
     assert "mta_core_fwd_post_conv" in compiled.as_text()
+
+
+@pytest.mark.slow  # 30-90 s a target
+@pytest.mark.parametrize(
+    "target, q_len, block_q, block_k",
+    [("v5e", 4096, 128, 256), ("v5e", 4096, 256, 256), ("v6e", 4096, 256, 256), ("v5p", 4096, 128, 256),
+     ("v5e", 32768, 128, 256)],
+)  # fmt: skip
+def test_the_paper_layer_forward_compiles(target, q_len, block_q, block_k):
+    """The README's claim: H = 16 with 16-head mixing on both sides, within the chip's VMEM and HBM."""
+    compiled = _compile_forward(target, 16, q_len, block_q, block_k)
+    assert compiled.memory_analysis().temp_size_in_bytes < 2**30
