@@ -1,6 +1,6 @@
-"""The fused kernels accepted by the real compilers of a TPU v5e (libtpu) and an H200 (XLA's Triton and
-ptxas), compiled on this CPU: at the default tiles of each chip (bench/compile_check.py) and at the
-shapes and tiles of the interpreted tests.
+"""The fused kernels accepted by the real compilers of TPU v5e and v6e (libtpu) and of an H200 (XLA's
+Triton and ptxas), compiled on this CPU: at the default tiles of each chip (bench/compile_check.py) and
+at the shapes and tiles of the interpreted tests (v5e, H200).
 
 Needs the `compile` extra (skipped without it); ptxas is optional (registers and spills are checked
 where it is on PATH). The full target matrix is `python -m bench.compile_check`'s job.
@@ -42,7 +42,7 @@ def device_or_skip(name: str):
 
 
 @pytest.mark.parametrize("layer, head_dim", DEFAULT_POINTS)
-@pytest.mark.parametrize("target", ["v5e", "h200"])
+@pytest.mark.parametrize("target", ["v5e", "v6e", "h200"])
 def test_default_tiles_compile_forward_and_backward(target, layer, head_dim):
     chip = get_chip(target)
     record = check_point(chip, device_or_skip(target), Point(layer, "pallas", head_dim, 1024, "fwd+bwd"))
