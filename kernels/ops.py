@@ -7,10 +7,11 @@ The kernel is chosen for the platform being compiled for (kernels/platform.py), 
 its tiles for the chip (triton_tiles.py, tpu_tiles.py). What the kernels support: the pre-softmax
 key-query conv (any c_q, c_k, pad_key), head mixing before and after the softmax (groups of up to 16
 heads on TPU, whose VMEM holds every head's tile; up to 4 on GPU, where more do not fit a Hopper
-SM's registers), attention dropout in training (mta_jax/dropout.py's mask, drawn in-kernel), causal
+SM's registers), the post-softmax conv on TPU (tpu_post_conv.py; interpreted on CPU, the TPU kernels
+run for it), attention dropout in training (mta_jax/dropout.py's mask, drawn in-kernel), causal
 or not, packed documents (segment ids), grouped-query attention, T != S, float32 and bfloat16
-(float16) inputs. Anything else (post-softmax conv, wider head mixing, float64) is a ValueError
-naming the option; implementation="auto" then picks the blockwise path.
+(float16) inputs. Anything else (the post-softmax conv on GPU, wider head mixing, float64) is a
+ValueError naming the option; implementation="auto" then picks the blockwise path.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def unsupported_option(
     """Why the kernels cannot run this configuration on `platform` ("tpu", "cuda" / "gpu", "cpu";
     None: on any of them), naming the option, or None if they can. On GPU the Triton kernels also
     need a head dim that is a multiple of 16."""
-    if cfg.post_conv is not None:
-        return f"post_conv={cfg.post_conv} (the post-softmax key-query conv)"
+    if cfg.post_conv is not None and platform in ("cuda", "gpu"):
+        return f"post_conv={cfg.post_conv} on {platform} (the post-softmax conv is in the TPU kernels only)"
     largest = MAX_MIX_GROUP.get(platform, max(MAX_MIX_GROUP.values()))
     where = f" on {platform}" if platform in MAX_MIX_GROUP else ""
     for name in ("pre_head_mix", "post_head_mix"):
@@ -98,7 +99,8 @@ def default_block_sizes(kernel: str, chip, q, k, cfg: MTAConfig):
     if kernel == "triton":
         problem = triton_tiles.Problem(group, slabs, head_dim, head_dim, itemsize)
         return triton_tiles.default_block_sizes(chip, problem, width)
-    problem = tpu_tiles.Problem(group, slabs, head_dim, head_dim, width, itemsize)
+    conv_q = cfg.post_conv[0] if cfg.post_conv else 0
+    problem = tpu_tiles.Problem(group, slabs, head_dim, head_dim, width, itemsize, conv_q)
     return tpu_tiles.default_block_sizes(chip, problem)
 
 
@@ -156,7 +158,8 @@ def pallas_attention_core(
         seeds = jax.lax.bitcast_convert_type(head_seeds(dropout_rng, q.shape[0], q.shape[2]), jnp.int32)
     args = (q, k, v, params, q_segment_ids, kv_segment_ids, seeds)
     if target is not None and kernel is None:
-        kernel = "tpu" if target.platform == "tpu" else "triton"
+        on_tpu_kernels = target.platform == "tpu" or (target.platform == "cpu" and cfg.post_conv is not None)
+        kernel = "tpu" if on_tpu_kernels else "triton"
         interpret = target.platform == "cpu" if interpret is None else interpret
         return _run(*args, cfg=cfg, kernel=kernel, interpret=interpret, target=target, **options)
     if kernel is not None:
@@ -172,10 +175,15 @@ def pallas_attention_core(
 
         return run
 
-    return per_platform(
-        args, q, tpu=branch("tpu", bool(interpret)), cuda=branch("triton", bool(interpret)),
-        cpu=branch("triton", True if interpret is None else interpret),
+    branches = dict(
+        tpu=branch("tpu", bool(interpret)), cuda=branch("triton", bool(interpret)),
+        cpu=branch("tpu" if cfg.post_conv else "triton", True if interpret is None else interpret),
     )  # fmt: skip
+    if any(unsupported_option(cfg, dtype=q.dtype, head_dim=q.shape[-1], platform=p) for p in branches):
+        # Staging every platform's branch would fail in the one that lacks the option: the host's alone.
+        host = "cuda" if jax.default_backend() == "gpu" else jax.default_backend()
+        return branches[host](*args, target=Target(host, None))
+    return per_platform(args, q, **branches)
 
 
 def _batch_axes(mesh) -> tuple[str, ...]:
@@ -216,6 +224,10 @@ def _run_local(
 ):
     """One kernel on one platform: glue, padding, tiles, kernel call."""
     _refuse(unsupported_option(cfg, dtype=q.dtype, head_dim=q.shape[-1], platform=target.platform))
+    if cfg.post_conv is not None and kernel == "triton":
+        _refuse(
+            f"post_conv={cfg.post_conv} with the Triton kernels (the post-softmax conv is in the TPU ones)"
+        )
     batch, q_len, num_heads, head_dim = q.shape
     kv_len = k.shape[1]
     # Tiles for the chip compiled for; interpreted on the CPU, the kernels' plain defaults (fewer steps).
@@ -259,7 +271,9 @@ def _run_local(
         )
     else:
         vmem = chip.vmem_bytes if chip is not None else 16 * 2**20
+        conv = dict(post_conv=params.post_conv, pad_key=cfg.pad_key) if cfg.post_conv else {}
         out = mta_core_tpu(
-            *operands, causal=cfg.causal, block_sizes=blocks, vmem_bytes=vmem, interpret=interpret, **dropout
-        )
+            *operands, causal=cfg.causal, block_sizes=blocks, vmem_bytes=vmem, interpret=interpret,
+            **dropout, **conv,
+        )  # fmt: skip
     return out.transpose(0, 2, 1, 3)[:, q_pad:]

@@ -34,6 +34,31 @@ def _delta_post(r, cfg: Config, qi, ki):
             r["delta_out"][t] += jnp.sum(p[t] * dp[t], axis=1, keepdims=True)
 
 
+def accumulate_dq(r, cfg: Config, qi, ki, s, dz, ds, offset):
+    """dq_acc += dS kp, the pre mix's partial gradient and the band's, from one tile's s, dz and dS."""
+    n_slabs = r["qp"].shape[1]
+    for t in range(cfg.group):
+        ds_t = ds[t].astype(r["kp"].dtype)
+        for c in range(n_slabs):
+            r["dq_acc"][t, c] += lax.dot_general(
+                ds_t, r["kp"][t, c], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            )
+    if cfg.pre_size:
+        for k, (a, b) in enumerate(tc.head_pairs(cfg, cfg.pre_size)):
+            r["dpre"][k] += tc.lane_partial(s[a] * dz[b])
+    if cfg.width:
+
+        @pl.when(tc.band_hits(cfg, qi, ki))
+        def _band():
+            lane = lax.broadcasted_iota(jnp.int32, (cfg.block_q, cfg.width), 1)
+            for t in range(cfg.group):
+                acc = jnp.zeros((cfg.block_q, cfg.width), jnp.float32)
+                for w in range(cfg.width):
+                    col = jnp.sum(jnp.where(offset == w, ds[t], 0.0), axis=1, keepdims=True)
+                    acc = jnp.where(lane == w, col, acc)
+                r["dband"][t] -= acc
+
+
 def _dq(r, cfg: Config, qi, ki):
     """dqp, dband and the mixes' partial gradients, accumulated over kv tiles."""
 
@@ -47,34 +72,24 @@ def _dq(r, cfg: Config, qi, ki):
     def _run():
         s, z, visible, offset = tc.tile_scores(r, cfg, qi, ki)
         p, _, dpf, dz, ds = tc.tile_grads(r, s, z, visible, cfg, tc.dropout_keep(r, cfg, qi, ki))
-        n_slabs = r["qp"].shape[1]
-        for t in range(cfg.group):
-            ds_t = ds[t].astype(r["kp"].dtype)
-            for c in range(n_slabs):
-                r["dq_acc"][t, c] += lax.dot_general(
-                    ds_t, r["kp"][t, c], (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-                )
-        if cfg.pre_size:
-            for k, (a, b) in enumerate(tc.head_pairs(cfg, cfg.pre_size)):
-                r["dpre"][k] += tc.lane_partial(s[a] * dz[b])
+        accumulate_dq(r, cfg, qi, ki, s, dz, ds, offset)
         if cfg.post_size:
             for k, (b, c) in enumerate(tc.head_pairs(cfg, cfg.post_size)):
                 r["dpost"][k] += tc.lane_partial(p[b] * dpf[c])
-        if cfg.width:
-
-            @pl.when(tc.band_hits(cfg, qi, ki))
-            def _band():
-                lane = lax.broadcasted_iota(jnp.int32, (cfg.block_q, cfg.width), 1)
-                for t in range(cfg.group):
-                    acc = jnp.zeros((cfg.block_q, cfg.width), jnp.float32)
-                    for w in range(cfg.width):
-                        col = jnp.sum(jnp.where(offset == w, ds[t], 0.0), axis=1, keepdims=True)
-                        acc = jnp.where(lane == w, col, acc)
-                    r["dband"][t] -= acc
 
     @pl.when(ki == cfg.num_k - 1)
     def _store():
         r["dq"][...] = r["dq_acc"][...].astype(r["dq"].dtype)
+
+
+def accumulate_dk(r, cfg: Config, ds):
+    """dk_acc += dS^T qp for one tile's dS."""
+    for t in range(cfg.group):
+        ds_t = ds[t].astype(r["qp"].dtype)
+        for c in range(r["qp"].shape[1]):
+            r["dk_acc"][t, c] += lax.dot_general(
+                ds_t, r["qp"][t, c], TN_DIMS, preferred_element_type=jnp.float32
+            )
 
 
 def _dkv(r, cfg: Config, ki, qi):
@@ -89,14 +104,9 @@ def _dkv(r, cfg: Config, ki, qi):
     def _run():
         s, z, visible, _ = tc.tile_scores(r, cfg, qi, ki)
         _, pf, _, _, ds = tc.tile_grads(r, s, z, visible, cfg, tc.dropout_keep(r, cfg, qi, ki))
-        n_slabs = r["qp"].shape[1]
+        accumulate_dk(r, cfg, ds)
         v_dtype = r["v"].dtype
         for t in range(cfg.group):
-            ds_t = ds[t].astype(r["qp"].dtype)
-            for c in range(n_slabs):
-                r["dk_acc"][t, c] += lax.dot_general(
-                    ds_t, r["qp"][t, c], TN_DIMS, preferred_element_type=jnp.float32
-                )
             r["dv_acc"][t] += lax.dot_general(
                 pf[t].astype(v_dtype),
                 r["dout"][t].astype(v_dtype),
@@ -108,6 +118,16 @@ def _dkv(r, cfg: Config, ki, qi):
     def _store():
         r["dk"][...] = r["dk_acc"][...].astype(r["dk"].dtype)
         r["dv"][...] = r["dv_acc"][...]
+
+
+def mix_gradient(partials, pairs, mix, group: int):
+    """The flat block-diagonal mix's gradient from the kernels' partials [B, H / G, tiles, pairs, 1, lanes]
+    (None without the mix)."""
+    if mix is None:
+        return None
+    sums = jnp.sum(partials, axis=(0, 2, 4, 5))  # [H / G, pairs]
+    flat = jnp.array([a * group + b for a, b in pairs])
+    return jnp.zeros((sums.shape[0], group * group), jnp.float32).at[:, flat].set(sums).reshape(mix.shape)
 
 
 def backward(cfg_dq: Config, cfg_dkv: Config, res, dout):
@@ -148,13 +168,6 @@ def backward(cfg_dq: Config, cfg_dkv: Config, res, dout):
     dkv_res = tc.run_kernel("dkv", _dkv, cfg_dkv, inputs, dkv_outs, scratch)
     dv = dkv_res["dv"].reshape(batch, v.shape[1], heads // v.shape[1], kv_len, dim).sum(axis=2)
 
-    def mix_grad(name, mix):
-        if mix is None:
-            return None
-        sums = jnp.sum(dq_res[name], axis=(0, 2, 4, 5))  # [H / G, pairs]
-        flat = jnp.array([a * G + b for a, b in pair_lists[name]])
-        return jnp.zeros((heads // G, G * G), f32).at[:, flat].set(sums).reshape(mix.shape)
-
     return (
         dq_res["dq"],
         dkv_res["dk"],
@@ -162,7 +175,7 @@ def backward(cfg_dq: Config, cfg_dkv: Config, res, dout):
         dq_res.get("dband"),
         None,
         None,
-        mix_grad("dpre", pre),
-        mix_grad("dpost", post),
+        mix_gradient(dq_res.get("dpre"), pair_lists["dpre"], pre, G),
+        mix_gradient(dq_res.get("dpost"), pair_lists["dpost"], post, G),
         None,
     )

@@ -221,15 +221,17 @@ def tile_probs(r, z, visible, cfg: Config, halo: int = 0):
     ]
 
 
-def dropout_keep(r, cfg: Config, qi, ki):
+def dropout_keep(r, cfg: Config, qi, ki, num_rows: int | None = None):
     """Per head of the group the [bq, bk] boolean keep mask of tile (qi, ki) (None without dropout):
-    mta_jax/dropout.py's hash of (seed of the batch row and head, query position, key position)."""
+    mta_jax/dropout.py's hash of (seed of the batch row and head, query position, key position).
+    num_rows: rows from the tile's first (default bq; more reach into the next q tile)."""
     if not cfg.dropout_rate:
         return None
     ref, base = r["seeds"]
     bq, bk = cfg.block_q, cfg.block_k
-    rows = lax.broadcasted_iota(jnp.int32, (bq, LANES), 0) + (qi * bq - cfg.q_offset)
-    cols = lax.broadcasted_iota(jnp.int32, (bq, bk), 1) + (ki * bk - cfg.kv_offset)
+    n = num_rows or bq
+    rows = lax.broadcasted_iota(jnp.int32, (n, LANES), 0) + (qi * bq - cfg.q_offset)
+    cols = lax.broadcasted_iota(jnp.int32, (n, bk), 1) + (ki * bk - cfg.kv_offset)
     return [
         dropout.keep_bits(to_lanes(dropout.row_hash(ref[base + t], rows), bk), cols, cfg.dropout_rate)
         for t in range(cfg.group)

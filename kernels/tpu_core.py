@@ -17,6 +17,7 @@ from kernels.tpu_bwd import backward
 from kernels.tpu_common import LANES, SUBLANES, Config
 from kernels.tpu_fwd import forward
 from kernels.tpu_post_conv import forward_post_conv
+from kernels.tpu_post_conv_bwd import backward_post_conv
 from kernels.tpu_tiles import TpuBlockSizes, TpuTiles
 from mta_jax.params import key_padding
 
@@ -52,15 +53,13 @@ def _core_post_conv(launch: _Launch, qp, kp, v, band, qseg, kvseg, pre, post, se
     return forward_post_conv(launch.fwd, qp, kp, v, band, qseg, kvseg, pre, post, seeds, postw)[0]
 
 
-def _core_post_conv_fwd(launch: _Launch, *args):
-    return _core_post_conv(launch, *args), None
+def _core_post_conv_fwd(launch: _Launch, qp, kp, v, band, qseg, kvseg, pre, post, seeds, postw):
+    out, lse = forward_post_conv(launch.fwd, qp, kp, v, band, qseg, kvseg, pre, post, seeds, postw)
+    return out, (qp, kp, v, band, qseg, kvseg, pre, post, seeds, postw, lse)
 
 
 def _core_post_conv_bwd(launch: _Launch, res, dout):
-    raise NotImplementedError(
-        "the backward of the post-softmax conv is not in the TPU kernels yet (docs/post_conv_kernels.md); "
-        'differentiate implementation="blockwise" instead'
-    )
+    return backward_post_conv(launch.dq, launch.dkv, res, dout)
 
 
 _core_post_conv.defvjp(_core_post_conv_fwd, _core_post_conv_bwd)
@@ -123,8 +122,8 @@ def mta_core_tpu(
     must divide them (the caller pads). vmem_bytes: the chip's VMEM, which caps vmem_limit_bytes.
     dropout_seeds [B, H] (mta_jax.dropout.head_seeds, int32 or uint32) with dropout_rate > 0: attention
     dropout with mta_jax/dropout.py's mask at query position row - q_offset, key position col - kv_offset.
-    post_conv [H, c_q, c_k] (keys padded by pad_key): the post-softmax conv, forward only so far
-    (tpu_post_conv.py); block_k must then be a multiple of 128 (or S) and block_q of Config.halo.
+    post_conv [H, c_q, c_k] (keys padded by pad_key): the post-softmax conv (tpu_post_conv.py,
+    tpu_post_conv_bwd.py), differentiable too; block_q must then be a multiple of Config.halo.
     """
     batch, heads, n_slabs, q_len, _ = qp.shape
     kv_len = kp.shape[3]
@@ -196,15 +195,15 @@ def mta_core_tpu(
     if dropout_rate:
         seeds = jax.lax.bitcast_convert_type(dropout_seeds, jnp.int32).reshape(-1)  # SMEM, flat
     if post_conv is not None:
-        fwd = launch.fwd
-        if fwd.halo and (fwd.block_q % fwd.halo or fwd.halo > fwd.block_q):
-            raise ValueError(
-                f"block_q={fwd.block_q} must be a multiple of {fwd.halo} (the post conv's rows above)"
-            )
-        if max(post_conv.shape[2] - 1, 1) > fwd.block_k:
-            raise ValueError(
-                f"post_conv c_k={post_conv.shape[2]} needs block_k >= c_k - 1, got {fwd.block_k}"
-            )
+        for tiles in (launch.fwd, launch.dq, launch.dkv):
+            if tiles.halo and (tiles.block_q % tiles.halo or tiles.halo > tiles.block_q):
+                raise ValueError(
+                    f"block_q={tiles.block_q} must be a multiple of {tiles.halo} (the post conv's rows above)"
+                )
+            if max(post_conv.shape[2] - 1, 1) > tiles.block_k:
+                raise ValueError(
+                    f"post_conv c_k={post_conv.shape[2]} needs block_k >= c_k - 1, got {tiles.block_k}"
+                )
         postw = post_conv.astype(jnp.float32).reshape(-1)
         return _core_post_conv(launch, qp, kp, v, band, qseg, kvseg, pre, post, seeds, postw)
     return _core(launch, qp, kp, v, band, qseg, kvseg, pre, post, seeds)

@@ -10,8 +10,7 @@ tile's neighbours on both sides:
 
 (m_u(i): row i - u lies in row i's document). Key shifts are lane rotations (pltpu.roll) with the
 wrapped lanes taken from the neighbouring tile, row shifts sublane rotations of the halo'd tile. Then
-the post mix, dropout and Pf V with v of tile s - 1. The backward is not written yet: differentiating
-raises NotImplementedError (tpu_core.py).
+the post mix, dropout and Pf V with v of tile s - 1. The backward is tpu_post_conv_bwd.py.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from kernels.tpu_fwd import fwd_online
 RING = 3  # P0 of key tiles s - 2, s - 1 and s
 
 
-def _shift_keys(cur, left, right, e: int, bk: int):
+def shift_keys(cur, left, right, e: int, bk: int):
     """out[:, j] = P0[:, j + e] of tile `cur`, reading `left` / `right` (its neighbours) past its edges."""
     if e == 0:
         return cur
@@ -40,34 +39,44 @@ def _shift_keys(cur, left, right, e: int, bk: int):
     return jnp.where(lane + e >= bk, pltpu.roll(right, shift, 1), pltpu.roll(cur, shift, 1))
 
 
-def _shift_rows(x, u: int, halo: int, bq: int):
+def shift_rows(x, u: int, halo: int, bq: int):
     """out[i] = x[halo + i - u] for i < bq (x holds `halo` rows above the tile's bq rows)."""
     shift = (u - halo) % x.shape[0]
     return (pltpu.roll(x, shift, 0) if shift else x)[:bq]
 
 
-def post_conv_tiles(r, cfg: Config, slots) -> list:
-    """The post conv of key tile s - 1 for every head of the group: G x [bq, bk], not re-masked.
-    slots: ring slots of P0 of key tiles (s - 2, s - 1, s)."""
+def ring_tiles(r, slots):
+    """tiles(t) -> P0 of head t of key tiles (s - 2, s - 1, s) from their ring slots."""
+    return lambda t: tuple(r["ring"][slot, t] for slot in slots)
+
+
+def same_doc_rows(r, cfg: Config) -> list:
+    """[None] + [bq, bk] masks m_u(i): query row i - u is in row i's document (u = 1 .. c_q - 1)."""
+    bq, bk, halo = cfg.block_q, cfg.block_k, cfg.halo
+    seg = tc.with_halo(r, "qseg", halo)  # [halo + bq, 128]
+    own = tc.to_lanes(r["qseg"][...], bk)
+    return [None] + [tc.to_lanes(shift_rows(seg, u, halo, bq), bk) == own for u in range(1, cfg.conv_q)]
+
+
+def post_conv_tiles(r, cfg: Config, tiles) -> list:
+    """The post conv of a key tile for every head of the group: G x [bq, bk], not re-masked.
+    tiles(t) -> P0 [halo + bq, bk] of head t on the key tiles (left neighbour, the tile, right neighbour)."""
     bq, bk, halo = cfg.block_q, cfg.block_k, cfg.halo
     c_q, c_k = cfg.conv_q, cfg.conv_k
     ref, base = r["postw"]
-    seg = tc.with_halo(r, "qseg", halo)  # [halo + bq, 128]
-    own = tc.to_lanes(r["qseg"][...], bk)
-    same_doc = [None] + [tc.to_lanes(_shift_rows(seg, u, halo, bq), bk) == own for u in range(1, c_q)]
-    left, cur, right = slots
+    same_doc = same_doc_rows(r, cfg)
     out = []
     for t in range(cfg.group):
-        p_cur, p_left, p_right = r["ring"][cur, t], r["ring"][left, t], r["ring"][right, t]
+        p_left, p_cur, p_right = tiles(t)
         by_row = [None] * c_q  # by_row[u] = sum_c W[c_q - 1 - u, c] P0[., j - pl + c]
         for c in range(c_k):
-            shifted = _shift_keys(p_cur, p_left, p_right, c - cfg.conv_left, bk)
+            shifted = shift_keys(p_cur, p_left, p_right, c - cfg.conv_left, bk)
             for u in range(c_q):
                 w = ref[base + (t * c_q + c_q - 1 - u) * c_k + c]
                 by_row[u] = w * shifted if by_row[u] is None else by_row[u] + w * shifted
         acc = None
         for u in range(c_q):
-            part = _shift_rows(by_row[u], u, halo, bq)
+            part = shift_rows(by_row[u], u, halo, bq)
             if u:
                 part = jnp.where(same_doc[u], part, 0.0)
             acc = part if acc is None else acc + part
@@ -112,7 +121,7 @@ def _fwd_post_conv(r, cfg: Config, qi, s):
 
     @pl.when(jnp.logical_and(s > 0, tc.should_run(cfg, qi, done)))
     def _finish():
-        pc = post_conv_tiles(r, cfg, (lax.rem(s + 1, RING), lax.rem(s + 2, RING), new_slot))
+        pc = post_conv_tiles(r, cfg, ring_tiles(r, (lax.rem(s + 1, RING), lax.rem(s + 2, RING), new_slot)))
         visible = _visible(r, cfg, qi, done)
         pf = tc.post_mix_tiles([jnp.where(visible, x, 0.0) for x in pc], r, cfg)
         pf = tc.drop(pf, tc.dropout_keep(r, cfg, qi, done), cfg)
@@ -201,19 +210,28 @@ def forward_post_conv(cfg: Config, qp, kp, v, band, qseg, kvseg, pre, post, seed
     outputs = {"out": jax.ShapeDtypeStruct((batch, heads, q_len, dim), f32)}
     scratch = {"ring": ((RING, cfg.group, cfg.halo + cfg.block_q, cfg.block_k), f32)}
     specs = _block_specs(cfg, {k: x.shape for k, x in {**inputs, **outputs}.items()})
+    grid = (batch, heads // cfg.group, cfg.num_q, cfg.num_k + 1)
+    cost = _cost(cfg, batch, qp.shape, dim, [*inputs.values(), *outputs.values()])
+    res = call_kernel("fwd_post_conv", _fwd_post_conv, cfg, grid, specs, inputs, outputs, scratch, cost)
+    return res["out"], lse
+
+
+def call_kernel(
+    mode: str, body, cfg: Config, grid, specs: dict, inputs: dict, outputs: dict, scratch: dict, cost
+):
+    """pallas_call of body(r, cfg, outer, inner) over `grid`, with VMEM for the conv's live tiles on top of
+    tpu_common's estimate. Returns the outputs by name."""
     names = tuple(inputs) + tuple(outputs) + tuple(scratch)
-    blocks = [
-        (specs[k].block_shape, x.dtype) for k, x in {**inputs, **outputs}.items() if specs[k].block_shape
-    ]
+    arrays = {**inputs, **outputs}
+    blocks = [(specs[k].block_shape, x.dtype) for k, x in arrays.items() if specs[k].block_shape]
     # The conv keeps c_q row sums and a few shifted copies of one head's halo'd tile live.
-    conv_tiles = (cfg.conv_q + 4) * (cfg.halo + cfg.block_q) * cfg.block_k * 4
+    conv_tiles = (cfg.conv_q + 4) * (2 * cfg.halo + cfg.block_q) * cfg.block_k * 4
     limit = min(tc.vmem_limit(cfg, blocks, scratch.values()) + 2 * conv_tiles, cfg.vmem_bytes * 7 // 8)
-    arrays = [*inputs.values(), *outputs.values()]
-    out = pl.pallas_call(
-        lambda *refs: tc.bind_refs(*refs, body=_fwd_post_conv, cfg=cfg, names=names),
+    results = pl.pallas_call(
+        lambda *refs: tc.bind_refs(*refs, body=body, cfg=cfg, names=names),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=0,
-            grid=(batch, heads // cfg.group, cfg.num_q, cfg.num_k + 1),
+            grid=grid,
             in_specs=[specs[k] for k in inputs],
             out_specs=[specs[k] for k in outputs],
             scratch_shapes=[pltpu.VMEM(shape, dtype) for shape, dtype in scratch.values()],
@@ -222,8 +240,8 @@ def forward_post_conv(cfg: Config, qp, kp, v, band, qseg, kvseg, pre, post, seed
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"), vmem_limit_bytes=int(limit)
         ),
-        cost_estimate=_cost(cfg, batch, qp.shape, dim, arrays),
+        cost_estimate=cost,
         interpret=cfg.interpret,
-        name="mta_core_fwd_post_conv",
-    )(*inputs.values())[0]
-    return out, lse
+        name=f"mta_core_{mode}",
+    )(*inputs.values())
+    return dict(zip(outputs, results, strict=True))

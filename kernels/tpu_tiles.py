@@ -59,6 +59,7 @@ class Problem:
     d: int
     width: int = 0
     itemsize: int = 2
+    conv_q: int = 0  # the post-softmax conv's c_q (0: none): its kernels hold more, see vmem_bytes
 
 
 def _padded(*dims: int, itemsize: int = 4) -> int:
@@ -95,11 +96,28 @@ def vmem_bytes(kind: str, p: Problem, tiles: TpuTiles) -> int:
         blocks += [_padded(g, bq, p.d), 2 * rows, _padded(g, c, bk, p.dk, itemsize=isz), _padded(g, bk, p.d)]
         scratch = _padded(g, c, bk, p.dk) + _padded(g, bk, p.d)
     live = LIVE_SCORE_TILES * g * bq * bk * 4
+    if p.conv_q:
+        # tpu_post_conv*.py: rows above / below the q tile, the two neighbouring key tiles' blocks, and
+        # per head the probabilities and their gradients of three key tiles plus the conv's c_q row sums.
+        halo = -(-(p.conv_q - 1) // SUBLANES) * SUBLANES
+        blocks += [_padded(g, c, 2 * halo, p.dk, itemsize=isz), 2 * _padded(g, c, bk, p.dk, itemsize=isz)]
+        blocks += [
+            2 * _padded(g, bk, p.d, itemsize=isz),
+            _padded(g, 2 * halo, p.d),
+            2 * _padded(SUBLANES, bk),
+        ]
+        per_head = {"fwd": p.conv_q + 4, "dq": p.conv_q + 7, "dkv": 2 * p.conv_q + 10}[kind]
+        live += g * per_head * (bq + 2 * halo) * bk * 4
+        if kind == "fwd":
+            scratch += 3 * _padded(g, bq + halo, bk)  # the ring of P tiles
     return 2 * sum(blocks) + scratch + live
 
 
 def fits(kind: str, p: Problem, tiles: TpuTiles, chip: Chip) -> bool:
-    return 2 * vmem_bytes(kind, p, tiles) <= chip.vmem_bytes * 7 // 8
+    """Twice the estimate within 7/8 of VMEM; with the post conv, whose estimate counts the conv's live
+    tiles, the estimate itself (libtpu: dK/dV at 128 x 256 needs 130.6 MiB on a v5e, estimated 1.2x that)."""
+    margin = 1 if p.conv_q else 2
+    return margin * vmem_bytes(kind, p, tiles) <= chip.vmem_bytes * 7 // 8
 
 
 # Tiles of at most 256 x 256: a [512, 512] float32 score tile is 256 vector registers, G of them

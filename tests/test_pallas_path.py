@@ -58,6 +58,30 @@ def test_tpu_kernel_packed_gqa(rng):
     _compare(rng, MIXED, "tpu", 40, 40, 2, packed=True, blocks=None)
 
 
+def test_tpu_kernel_post_conv_full_layer(rng):
+    """The paper's whole layer (pre and post conv, mixing on both sides, dropout) with lengths that are not
+    whole tiles, packed documents and GQA: the TPU kernels with the post-softmax conv."""
+    cfg = MTAConfig(
+        pre_conv=(3, 5), post_conv=(2, 3), pre_head_mix=4, post_head_mix=4, dropout_rate=0.2, pad_key="both"
+    )
+    _compare(rng, cfg, "tpu", 40, 40, 2, packed=True, blocks=None, batch=2)
+
+
+def test_post_conv_on_cpu_runs_the_tpu_kernels_interpreted(rng):
+    cfg = MTAConfig(post_conv=(2, 3), pad_key="left")
+    _compare(rng, cfg, None, 24, 40, 4, packed=False, blocks=None)
+
+
+def test_post_conv_with_the_triton_kernels_is_refused(rng):
+    cfg = MTAConfig(post_conv=(2, 3))
+    q, k, v = random_qkv(rng, 1, 16, 2, 2, 16)
+    params = random_mta_params(cfg, 2, 16, rng)
+    with pytest.raises(ValueError, match=re.escape("post_conv=(2, 3) with the Triton kernels")):
+        pallas_attention_core(
+            q, k, v, params, cfg, q_segment_ids=None, kv_segment_ids=None, dropout_rng=None, kernel="triton"
+        )
+
+
 # Dropout in the kernels draws the reference path's mask: same batch rows, heads and (unpadded) positions.
 DROPPED = MTAConfig(pre_conv=(3, 5), pre_head_mix=2, post_head_mix=4, dropout_rate=0.3)
 
@@ -128,7 +152,6 @@ def test_through_multi_token_attention(rng):
 @pytest.mark.parametrize(
     "cfg, option",
     [
-        (MTAConfig(pre_conv=(3, 5), post_conv=(3, 5)), "post_conv=(3, 5)"),
         (MTAConfig(pre_head_mix=24), "pre_head_mix=24 (head mixing in groups of more than 16)"),
         (MTAConfig(post_head_mix=24), "post_head_mix=24"),
         (MTAConfig(pre_head_mix=2, post_head_mix=3), "pre_head_mix=2 with post_head_mix=3"),
@@ -155,7 +178,7 @@ def test_auto_on_accelerators(caplog, monkeypatch):
         assert attention.choose_implementation(paper_mix, 512, 512, backend="tpu") == "pallas"
         assert attention.choose_implementation(paper_mix, 512, 512, backend="gpu") == "blockwise"
     messages = [r.getMessage() for r in caplog.records]
-    assert "lack post_conv=(6, 11)" in messages[2]
+    assert "lack post_conv=(6, 11) on gpu" in messages[2]
     assert "lack pre_head_mix=16 on gpu (head mixing in groups of more than 4)" in messages[3]
     assert unsupported_option(MIXED) is None
 
@@ -193,15 +216,11 @@ def test_full_path_lowers_for_accelerators(kernel, platform, call):
 
 def test_auto_per_layer_of_the_paper_880m_model():
     """What "auto" runs in each layer of configs/models/880M_mta.yaml in training (dropout off, as
-    configured): on TPU the fused kernels wherever there is no post-softmax conv, on GPU blockwise
-    (groups of 16 heads do not fit the Triton kernels)."""
+    configured): on TPU the fused kernels in every layer, the post-softmax conv's included; on GPU
+    blockwise (groups of 16 heads do not fit the Triton kernels, which lack the post-softmax conv)."""
     from mta_jax.config import load_model_config
     from train.aot_step import attention_paths
 
     model = load_model_config(Path(__file__).parents[1] / "configs" / "models" / "880M_mta.yaml")
-    kq_layers = [2, 6, 10, 14, 18, 22]
-    assert attention_paths(model, 2048, "tpu") == {
-        "pallas": [i for i in range(24) if i not in kq_layers],
-        "blockwise": kq_layers,
-    }
+    assert attention_paths(model, 2048, "tpu") == {"pallas": list(range(24))}
     assert attention_paths(model, 2048, "gpu") == {"blockwise": list(range(24))}

@@ -1,7 +1,10 @@
-"""kernels/tpu_post_conv.py: the TPU forward with the post-softmax conv against core_reference (Mosaic
-interpret mode on CPU), its refusals, and libtpu's verdict for a v5e."""
+"""kernels/tpu_post_conv.py and tpu_post_conv_bwd.py: the TPU kernels with the post-softmax conv against
+core_reference, values and every gradient (Mosaic interpret mode on CPU), their refusals, and libtpu's
+verdict for v5e, v6e and v5p."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +54,8 @@ SLOW_CASES = {
 }  # fmt: skip
 
 
-def _run(rng, case, dtype):
+def _check(rng, case, dtype, rtol: float) -> None:
+    """Values and every gradient (vjp of a random cotangent) of the kernels against core_reference."""
     options, (c_q, c_k), pad_key = case
     x = _inputs(rng, **options)
     heads = options["heads"]
@@ -60,49 +64,58 @@ def _run(rng, case, dtype):
     halo = -(-(c_q - 1) // 8) * 8
     block_q = int(rng.choice([b for b in (32, 64, 128) if not halo or b % halo == 0]))
     print(f"block_q={block_q}")
-    qp, kp, v = (x[n].astype(dtype) for n in ("qp", "kp", "v"))
-    common = (qp, kp, v, x["band"], q_seg, kv_seg, x["pre_mix"], x["post_mix"])
-    out = mta_core_tpu(
-        *common, causal=options["causal"], block_q=block_q, block_k=128, interpret=True,
-        post_conv=kernel, pad_key=pad_key, **x["dropout"],
-    )  # fmt: skip
-    want = core_reference(
-        *common, causal=options["causal"], post_conv=kernel, pad_key=pad_key, **x["dropout"]
-    )[0]
-    return out, want
+    names = ("qp", "kp", "v", "band", "pre_mix", "post_mix", "post_conv")
+    args = [x[n] for n in names[:-1]] + [kernel]
+    args[:3] = [a.astype(dtype) for a in args[:3]]
+    causal = options["causal"]
 
+    def fused(qp, kp, v, band, pre, post, conv):
+        return mta_core_tpu(
+            qp, kp, v, band, q_seg, kv_seg, pre, post, causal=causal, block_q=block_q, block_k=128,
+            interpret=True, post_conv=conv, pad_key=pad_key, **x["dropout"],
+        )  # fmt: skip
 
-def _assert_close(out, want, rtol: float):
+    def reference(qp, kp, v, band, pre, post, conv):
+        return core_reference(
+            qp, kp, v, band, q_seg, kv_seg, pre, post, causal=causal, post_conv=conv, pad_key=pad_key,
+            **x["dropout"],
+        )[0]  # fmt: skip
+
+    batch, _, _, q_len, _ = args[0].shape
+    cotangent = jnp.asarray(rng.standard_normal((batch, heads, q_len, args[2].shape[-1])), jnp.float32)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def value_and_vjp(fn, args):
+        out, fn_vjp = jax.vjp(fn, *args)
+        return out, fn_vjp(cotangent)
+
+    out, grads = value_and_vjp(fused, args)
+    want, want_grads = value_and_vjp(reference, args)
     assert out.dtype == jnp.float32 and out.shape == want.shape
     np.testing.assert_allclose(out, want, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(want))))
+    for name, got, exp in zip(names, grads, want_grads, strict=True):
+        if exp is None:
+            assert got is None, name
+            continue
+        got, exp = np.asarray(got, np.float32), np.asarray(exp, np.float32)
+        scale = float(np.max(np.abs(exp))) or 1.0
+        np.testing.assert_allclose(got, exp, rtol=rtol, atol=rtol * scale, err_msg=name)
 
 
 @pytest.mark.parametrize("case", list(CASES) + [pytest.param(c, marks=pytest.mark.slow) for c in SLOW_CASES])
 def test_matches_reference_f32(case, rng):
-    out, want = _run(rng, {**CASES, **SLOW_CASES}[case], jnp.float32)
-    _assert_close(out, want, 1e-4)
+    _check(rng, {**CASES, **SLOW_CASES}[case], jnp.float32, 1e-4)
 
 
 @pytest.mark.parametrize("case", list(BF16_CASES))
 def test_matches_reference_bf16(case, rng):
-    out, want = _run(rng, BF16_CASES[case], jnp.bfloat16)
-    _assert_close(out, want, 2e-2)
+    _check(rng, BF16_CASES[case], jnp.bfloat16, 2e-2)
 
 
 def _zeros(heads=2, q_len=128, c_q=3, c_k=5):
     qp = jnp.zeros((1, heads, 1, q_len, 8))
     seg = jnp.zeros((1, q_len), jnp.int32)
     return (qp, qp, qp[:, :, 0], None, seg, seg, None, None), jnp.zeros((heads, c_q, c_k))
-
-
-def test_differentiating_says_the_backward_is_not_there_yet():
-    args, kernel = _zeros()
-
-    def loss(qp):
-        return mta_core_tpu(qp, *args[1:], causal=True, interpret=True, post_conv=kernel).sum()
-
-    with pytest.raises(NotImplementedError, match="backward of the post-softmax conv"):
-        jax.grad(loss)(args[0])
 
 
 @pytest.mark.parametrize(
@@ -118,9 +131,10 @@ def test_bad_post_conv_options(kernel_shape, blocks, match):
         mta_core_tpu(*args, causal=True, interpret=True, post_conv=jnp.zeros(kernel_shape), **blocks)
 
 
-def _compile_forward(target: str, heads: int, q_len: int, block_q: int, block_k: int):
-    """Deviceless compile of the forward of the paper's full layer (pre and post 6 x 11, mixing over all
-    `heads`, band, causal, D = 128, bf16, B = 1) for `target`; returns the compiled executable."""
+def _compile(target: str, heads: int, q_len: int, block_q: int, block_k: int, backward: bool = True):
+    """Deviceless compile of the paper's full layer (pre and post 6 x 11, mixing over all `heads`, band,
+    causal, D = 128, bf16, B = 1) for `target`, forward and (with `backward`) the gradients of every
+    differentiable input; returns the compiled executable."""
     from kernels import aot
 
     device = device_or_skip(target)
@@ -142,23 +156,30 @@ def _compile_forward(target: str, heads: int, q_len: int, block_q: int, block_k:
             vmem_bytes=get_chip(target).vmem_bytes, post_conv=kernel,
         )  # fmt: skip
 
+    def gradients(qp, kp, v, band, q_seg, kv_seg, pre, post, kernel):
+        def loss(qp, kp, v, band, pre, post, kernel):
+            return forward(qp, kp, v, band, q_seg, kv_seg, pre, post, kernel).sum()
+
+        return jax.value_and_grad(loss, argnums=tuple(range(7)))(qp, kp, v, band, pre, post, kernel)
+
     with aot.target_mesh(device):
-        return jax.jit(forward).trace(*args).lower().compile()
+        return jax.jit(gradients if backward else forward).trace(*args).lower().compile()
 
 
 def test_compiles_for_v5e():
-    """libtpu accepts the forward at the paper's conv size with a band and mixing (G = 2)."""
-    compiled = _compile_forward("v5e", heads=2, q_len=512, block_q=128, block_k=256)
-    assert "mta_core_fwd_post_conv" in compiled.as_text()
+    """libtpu accepts forward and backward at the paper's conv size with a band and mixing (G = 2)."""
+    text = _compile("v5e", heads=2, q_len=512, block_q=128, block_k=256).as_text()
+    for kernel in ("fwd_post_conv", "delta_post_conv", "dq_post_conv", "dkv_post_conv"):
+        assert f"mta_core_{kernel}" in text
 
 
-@pytest.mark.slow  # 30-90 s a target
+@pytest.mark.slow  # 30-90 s a point
 @pytest.mark.parametrize(
-    "target, q_len, block_q, block_k",
-    [("v5e", 4096, 128, 256), ("v5e", 4096, 256, 256), ("v6e", 4096, 256, 256), ("v5p", 4096, 128, 256),
-     ("v5e", 32768, 128, 256)],
+    "target, q_len, block_q, block_k, backward",
+    [("v5e", 4096, 256, 256, False), ("v6e", 4096, 256, 256, False), ("v5p", 4096, 128, 256, False),
+     ("v5e", 4096, 128, 128, True), ("v5e", 32768, 128, 128, True)],
 )  # fmt: skip
-def test_the_paper_layer_forward_compiles(target, q_len, block_q, block_k):
-    """The README's claim: H = 16 with 16-head mixing on both sides, within the chip's VMEM and HBM."""
-    compiled = _compile_forward(target, 16, q_len, block_q, block_k)
-    assert compiled.memory_analysis().temp_size_in_bytes < 2**30
+def test_the_paper_layer_compiles(target, q_len, block_q, block_k, backward):
+    """The README's claims: H = 16 with 16-head mixing on both sides, within the chip's VMEM and HBM."""
+    compiled = _compile(target, 16, q_len, block_q, block_k, backward=backward)
+    assert compiled.memory_analysis().temp_size_in_bytes < 1.5 * 2**30
