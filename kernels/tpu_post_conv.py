@@ -15,6 +15,8 @@ the post mix, dropout and Pf V with v of tile s - 1. The backward is tpu_post_co
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -146,8 +148,8 @@ def _block_specs(cfg: Config, shapes: dict) -> dict:
     def done(qi, s):  # the key tile step s finishes
         return clamp(jnp.maximum(s - 1, 0), qi)
 
-    def above(qi):  # the halo rows' block (block 0, hidden, for the first q tile)
-        return jnp.maximum(qi * (bq // halo) - 1, 0) if halo else 0
+    def above(qi):  # block qi of halo_rows' arrays: the rows above q tile qi
+        return qi
 
     def heads(rows, tile_of, nd):
         def index_map(b, g, qi, s):
@@ -189,6 +191,21 @@ def _cost(cfg: Config, batch: int, qp_shape, dim: int, arrays) -> pl.CostEstimat
     )
 
 
+def halo_rows(x: jax.Array, *, block: int, halo: int, axis: int, below: bool = False) -> jax.Array:
+    """The `halo` rows above (or below) each `block`-row tile of x along `axis`, tile after tile:
+    [..., T / block * halo, ...], zeros past the sequence's ends. A separate small array, because a
+    Mosaic call given one array twice makes XLA copy it."""
+    length = x.shape[axis]
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, block) if below else (halo, 0)
+    padded = jnp.pad(x, pad)
+    start = block if below else 0
+    rows = lax.slice_in_dim(padded, start, start + length, axis=axis)
+    tiles = rows.reshape(*x.shape[:axis], length // block, block, *x.shape[axis + 1 :])
+    taken = lax.slice_in_dim(tiles, 0, halo, axis=axis + 1)
+    return taken.reshape(*x.shape[:axis], length // block * halo, *x.shape[axis + 1 :])
+
+
 def forward_post_conv(cfg: Config, qp, kp, v, band, qseg, kvseg, pre, post, seeds, postw):
     """out [B, H, T, D] float32 and lse [B, H, T, 128] of the core op with the post conv; postw is the
     flat [H * c_q * c_k] float32 conv kernel."""
@@ -205,7 +222,11 @@ def forward_post_conv(cfg: Config, qp, kp, v, band, qseg, kvseg, pre, post, seed
 
     inputs = {**inputs, "lse": lse, "postw": postw, "kvseg_out": kvseg}
     if cfg.halo:
-        inputs.update(qp_above=qp, qseg_above=qseg, lse_above=lse, band_above=band)
+        above = functools.partial(halo_rows, block=cfg.block_q, halo=cfg.halo)
+        inputs.update(
+            qp_above=above(qp, axis=3), qseg_above=above(qseg, axis=1), lse_above=above(lse, axis=2)
+        )
+        inputs["band_above"] = None if band is None else above(band, axis=2)
     inputs = {k: x for k, x in inputs.items() if x is not None}
     outputs = {"out": jax.ShapeDtypeStruct((batch, heads, q_len, dim), f32)}
     scratch = {"ring": ((RING, cfg.group, cfg.halo + cfg.block_q, cfg.block_k), f32)}

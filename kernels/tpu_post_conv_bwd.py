@@ -15,6 +15,8 @@ dPm = drop(dout V^T) and dPcm = visible * Mix_post^T(dPm):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -24,7 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels import tpu_common as tc
 from kernels.tpu_bwd import accumulate_dk, accumulate_dq, mix_gradient
 from kernels.tpu_common import LANES, NT_DIMS, SUBLANES, TN_DIMS, Config
-from kernels.tpu_post_conv import call_kernel, post_conv_tiles, same_doc_rows, shift_keys
+from kernels.tpu_post_conv import call_kernel, halo_rows, post_conv_tiles, same_doc_rows, shift_keys
 
 SIDES = (("_left", -1), ("", 0), ("_right", 1))  # block-name suffix and key-tile offset
 
@@ -208,8 +210,6 @@ def _dkv(r, cfg: Config, ki, qi):
 def _block_specs(cfg: Config, kv_major: bool, shapes: dict) -> dict:
     """Block specs by operand name; grid (B, H / G, outer, inner), kv tiles outer when kv_major."""
     G, bq, bk, halo = cfg.group, cfg.block_q, cfg.block_k, cfg.halo
-    per_halo = bq // halo if halo else 1
-    last_block = cfg.q_len // halo - 1 if halo else 0
 
     def tiles(o, i):
         if kv_major:
@@ -220,11 +220,7 @@ def _block_specs(cfg: Config, kv_major: bool, shapes: dict) -> dict:
             ki = jnp.minimum(ki, tc.last_k(cfg, qi)) if cfg.causal else ki
         return qi, ki
 
-    row_of = {
-        "": lambda qi: qi,
-        "_above": lambda qi: jnp.maximum(qi * per_halo - 1, 0),
-        "_below": lambda qi: jnp.minimum((qi + 1) * per_halo, last_block),
-    }
+    row_of = {"": lambda qi: qi, "_above": lambda qi: qi, "_below": lambda qi: qi}  # halo_rows' blocks
     key_of = {suffix: (lambda ki, d=d: jnp.clip(ki + d, 0, cfg.num_k - 1)) for suffix, d in SIDES}
 
     def heads(rows, tile_of, nd):
@@ -278,6 +274,21 @@ def _run(mode, body, cfg: Config, kv_major: bool, inputs: dict, outputs: dict, s
     return call_kernel(mode, body, cfg, grid, specs, inputs, outputs, scratch, cost)
 
 
+def _halo_inputs(cfg: Config, qp, qseg, lse, band, dout) -> dict:
+    """The rows above (qp, qseg, lse, band) and below (qseg, dout) each of cfg's q tiles, as halo_rows."""
+    if not cfg.halo:
+        return {}
+    above = functools.partial(halo_rows, block=cfg.block_q, halo=cfg.halo)
+    below = functools.partial(above, below=True)
+    rows = dict(
+        qseg_below=below(qseg, axis=1), dout_below=below(dout, axis=2), qseg_above=above(qseg, axis=1)
+    )
+    rows.update(qp_above=above(qp, axis=3), lse_above=above(lse, axis=2))
+    if band is not None:
+        rows["band_above"] = above(band, axis=2)
+    return rows
+
+
 def backward_post_conv(cfg_dq: Config, cfg_dkv: Config, res, dout):
     """Cotangents of (qp, kp, v, band, qseg, kvseg, pre, post, seeds, postw) given dout [B, H, T, D]."""
     qp, kp, v, band, qseg, kvseg, pre, post, seeds, postw, lse = res
@@ -286,10 +297,8 @@ def backward_post_conv(cfg_dq: Config, cfg_dkv: Config, res, dout):
     G, f32 = cfg_dq.group, jnp.float32
     inputs = {**tc.base_inputs(qp, kp, v, band, qseg, kvseg, pre, post, seeds), "lse": lse, "dout": dout}
     inputs.update(postw=postw, v_left=v, v_right=v, kvseg_left=kvseg, kvseg_right=kvseg)
-    if cfg_dq.halo:
-        inputs.update(qseg_below=qseg, dout_below=dout, qseg_above=qseg, qp_above=qp, lse_above=lse)
-        inputs.update(band_above=band)
-    rows_only = {k: x for k, x in inputs.items() if not k.endswith("_above")}
+    halo_dq = _halo_inputs(cfg_dq, qp, qseg, lse, band, dout)
+    rows_only = {**inputs, **{k: x for k, x in halo_dq.items() if k.endswith("_below")}}
     delta_out = {"delta_out": jax.ShapeDtypeStruct(lse.shape, f32)}
     delta = _run("delta_post_conv", _delta, cfg_dq, False, rows_only, delta_out, {})["delta_out"]
     inputs["delta"] = delta
@@ -302,7 +311,7 @@ def backward_post_conv(cfg_dq: Config, cfg_dkv: Config, res, dout):
     if cfg_dq.pre_size:
         outs["dpre"] = jax.ShapeDtypeStruct((batch, heads // G, cfg_dq.num_q, len(pre_pairs), 1, lanes), f32)
     scratch = {"dq_acc": ((G, n_slabs, cfg_dq.block_q, dk), f32)}
-    dq_in = {k: x for k, x in inputs.items() if not k.endswith("_above")}
+    dq_in = {**rows_only, "delta": delta}
     dq_res = _run("dq_post_conv", _dq, cfg_dq, False, dq_in, outs, scratch)
 
     lanes = LANES if cfg_dkv.block_k >= LANES else cfg_dkv.block_k
@@ -318,7 +327,7 @@ def backward_post_conv(cfg_dq: Config, cfg_dkv: Config, res, dout):
         dkv_outs["dpost"] = jax.ShapeDtypeStruct(shape, f32)
     bk = cfg_dkv.block_k
     scratch = {"dk_acc": ((G, n_slabs, bk, dk), f32), "dv_acc": ((G, bk, dim), f32)}
-    dkv_in = {**inputs, "kp_left": kp, "kp_right": kp, "kvseg_left": kvseg, "kvseg_right": kvseg}
+    dkv_in = {**inputs, **_halo_inputs(cfg_dkv, qp, qseg, lse, band, dout), "kp_left": kp, "kp_right": kp}
     dkv_res = _run("dkv_post_conv", _dkv, cfg_dkv, True, dkv_in, dkv_outs, scratch)
     dv = dkv_res["dv"].reshape(batch, v.shape[1], heads // v.shape[1], kv_len, dim).sum(axis=2)
     dpostw = jnp.sum(dkv_res["dw"], axis=(0, 2, 4, 5)).reshape(-1)  # [H / G, G * c_q * c_k] -> flat
