@@ -134,16 +134,28 @@ def pallas(
         per_pass = other * (wide + d) + (wide * own if c_q > 1 else 0) + (bq * d if name != "fwd" else 0)
         return flops, n * passes * per_pass * isz
 
-    fwd_passes = 2 if post else 1  # with post-softmax mixing: an lse pass, then P V
-    flops, nbytes = kernel("fwd", fwd_passes, 2 * wide, 2 * d)
+    # The post-softmax conv (tpu_post_conv*.py) costs conv_vector per score each time it (or its transpose,
+    # or dW's sum) runs; the backward rebuilds dPcm on three key tiles (a D-wide product each), and dK/dV
+    # also P on three key tiles (its QK work three times) and reads both neighbours' kp and v.
+    conv_vector = 2 * layer.post_conv[0] * layer.post_conv[1] if layer.post_conv else 0
+    post = post or bool(layer.post_conv)
+    fwd_passes = 2 if post else 1  # with post-softmax parts: an lse pass, then P V
+    flops, nbytes = kernel("fwd", fwd_passes, 2 * wide, 2 * d + conv_vector)
     glue_bytes = heads * c_q * (shape.q_len + shape.kv_len) * d * isz * 2 if c_q > 1 else 0
     glue_flops = heads * shape.kv_len * d * 2 * c_q * c_k if c_q > 1 else 0.0
     if mode == FWD:
         return cost(flops + glue_flops, nbytes + shape.io_bytes(mode) + glue_bytes)
     nq = chunks.get("dq", 1) + (1 if post else 0)  # + the delta pass
-    q_flops, q_bytes = kernel("dq", nq, 2 * wide + 2 * d, 2 * wide)  # recompute s and dP; dS kp
+    dp_flops = 6 * d + conv_vector if conv_vector else 2 * d  # dP: on three key tiles, transposed conv
+    q_flops, q_bytes = kernel("dq", nq, 2 * wide + dp_flops, 2 * wide)  # recompute s and dP; dS kp
     nk = chunks.get("dkv", 1)
-    k_flops, k_bytes = kernel("dkv", nk, 2 * wide + 4 * d, 2 * wide)  # recompute s, dP, dV; dS^T qp
+    if conv_vector:  # P of three key tiles, the conv and dW, dP as in dQ, dV; dS^T qp
+        k_flops, k_bytes = kernel("dkv", nk, 6 * wide + 2 * conv_vector + dp_flops + 2 * d, 2 * wide)
+        bq, bk = tiles["dkv"]
+        k_bytes += 2 * _pairs(shape, bq, bk) * heads * (wide + d) * bk * isz * nk  # neighbours' kp, v
+        q_bytes += 2 * _pairs(shape, *tiles["dq"]) * heads * d * tiles["dq"][1] * isz * nq  # their v
+    else:
+        k_flops, k_bytes = kernel("dkv", nk, 2 * wide + 4 * d, 2 * wide)  # recompute s, dP, dV; dS^T qp
     flops += q_flops + k_flops + 3 * glue_flops
     nbytes += q_bytes + k_bytes + shape.io_bytes(mode) + 3 * glue_bytes
     return cost(flops, nbytes)
