@@ -68,6 +68,11 @@ def unsupported_option(
     return None
 
 
+def _cpu_kernel(cfg: MTAConfig) -> str:
+    """The kernels interpreted on CPU: the Triton ones; the TPU ones for the post-softmax conv."""
+    return "tpu" if cfg.post_conv is not None else "triton"
+
+
 def _refuse(reason: str | None) -> None:
     if reason:
         raise ValueError(f'implementation="pallas" does not support {reason}; use "blockwise" or "reference"')
@@ -158,8 +163,7 @@ def pallas_attention_core(
         seeds = jax.lax.bitcast_convert_type(head_seeds(dropout_rng, q.shape[0], q.shape[2]), jnp.int32)
     args = (q, k, v, params, q_segment_ids, kv_segment_ids, seeds)
     if target is not None and kernel is None:
-        on_tpu_kernels = target.platform == "tpu" or (target.platform == "cpu" and cfg.post_conv is not None)
-        kernel = "tpu" if on_tpu_kernels else "triton"
+        kernel = {"tpu": "tpu", "cpu": _cpu_kernel(cfg)}.get(target.platform, "triton")
         interpret = target.platform == "cpu" if interpret is None else interpret
         return _run(*args, cfg=cfg, kernel=kernel, interpret=interpret, target=target, **options)
     if kernel is not None:
@@ -177,7 +181,7 @@ def pallas_attention_core(
 
     branches = dict(
         tpu=branch("tpu", bool(interpret)), cuda=branch("triton", bool(interpret)),
-        cpu=branch("tpu" if cfg.post_conv else "triton", True if interpret is None else interpret),
+        cpu=branch(_cpu_kernel(cfg), True if interpret is None else interpret),
     )  # fmt: skip
     if any(unsupported_option(cfg, dtype=q.dtype, head_dim=q.shape[-1], platform=p) for p in branches):
         # Staging every platform's branch would fail in the one that lacks the option: the host's alone.

@@ -18,20 +18,30 @@ from kernels import tpu_common as tc
 from kernels.tpu_common import LANES, TN_DIMS, Config
 
 
-def _delta_post(r, cfg: Config, qi, ki):
-    """delta_b[i] = sum_j P_b[i, j] dP_b[i, j] (post_mix only)."""
+def delta_kernel(tile_dp):
+    """The body of a kernel that sums delta_b[i] = sum_j P_b[i, j] dP_b[i, j] over kv tiles, with
+    tile_dp(r, cfg, qi, ki, p, visible) -> dP [G x [bq, bk]] of the tile."""
 
-    @pl.when(ki == 0)
-    def _init():
-        r["delta_out"][...] = jnp.zeros(r["delta_out"].shape, jnp.float32)
+    def body(r, cfg: Config, qi, ki):
+        @pl.when(ki == 0)
+        def _init():
+            r["delta_out"][...] = jnp.zeros(r["delta_out"].shape, jnp.float32)
 
-    @pl.when(tc.should_run(cfg, qi, ki))
-    def _run():
-        _, z, visible, _ = tc.tile_scores(r, cfg, qi, ki)
-        p = tc.tile_probs(r, z, visible, cfg)
-        _, dp = tc.tile_dprobs(r, p, visible, cfg, tc.dropout_keep(r, cfg, qi, ki))
-        for t in range(cfg.group):
-            r["delta_out"][t] += jnp.sum(p[t] * dp[t], axis=1, keepdims=True)
+        @pl.when(tc.should_run(cfg, qi, ki))
+        def _run():
+            _, z, visible, _ = tc.tile_scores(r, cfg, qi, ki)
+            p = tc.tile_probs(r, z, visible, cfg)
+            dp = tile_dp(r, cfg, qi, ki, p, visible)
+            for t in range(cfg.group):
+                r["delta_out"][t] += jnp.sum(p[t] * dp[t], axis=1, keepdims=True)
+
+    return body
+
+
+# With post_mix only: dP = post_mix^T(drop(dout v^T)).
+_delta_post = delta_kernel(
+    lambda r, cfg, qi, ki, p, visible: tc.tile_dprobs(r, p, visible, cfg, tc.dropout_keep(r, cfg, qi, ki))[1]
+)
 
 
 def accumulate_dq(r, cfg: Config, qi, ki, s, dz, ds, offset):

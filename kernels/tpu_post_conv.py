@@ -148,9 +148,6 @@ def _block_specs(cfg: Config, shapes: dict) -> dict:
     def done(qi, s):  # the key tile step s finishes
         return clamp(jnp.maximum(s - 1, 0), qi)
 
-    def above(qi):  # block qi of halo_rows' arrays: the rows above q tile qi
-        return qi
-
     def heads(rows, tile_of, nd):
         def index_map(b, g, qi, s):
             return (b, g) + (0,) * (nd - 4) + (tile_of(qi, s), 0)
@@ -161,18 +158,19 @@ def _block_specs(cfg: Config, shapes: dict) -> dict:
         return (b, lax.div(g * G, jnp.int32(cfg.kv_rep * cfg.v_heads_per_block)), done(qi, s), 0)
 
     smem = pl.BlockSpec(memory_space=pltpu.SMEM)
+    # The *_above arrays are halo_rows': block qi holds the rows above q tile qi.
     specs = {
         "qp": heads(bq, lambda qi, s: qi, 5),
-        "qp_above": heads(halo, lambda qi, s: above(qi), 5),
+        "qp_above": heads(halo, lambda qi, s: qi, 5),
         "kp": heads(bk, new, 5),
         "v": lambda shape: pl.BlockSpec((None, cfg.v_heads_per_block, bk, shape[3]), vmap),
         "band": heads(bq, lambda qi, s: qi, 4),
-        "band_above": heads(halo, lambda qi, s: above(qi), 4),
+        "band_above": heads(halo, lambda qi, s: qi, 4),
         "lse": heads(bq, lambda qi, s: qi, 4),
-        "lse_above": heads(halo, lambda qi, s: above(qi), 4),
+        "lse_above": heads(halo, lambda qi, s: qi, 4),
         "out": heads(bq, lambda qi, s: qi, 4),
         "qseg": lambda shape: pl.BlockSpec((None, bq, LANES), lambda b, g, qi, s: (b, qi, 0)),
-        "qseg_above": lambda shape: pl.BlockSpec((None, halo, LANES), lambda b, g, qi, s: (b, above(qi), 0)),
+        "qseg_above": lambda shape: pl.BlockSpec((None, halo, LANES), lambda b, g, qi, s: (b, qi, 0)),
         "kvseg": lambda shape: pl.BlockSpec((None, SUBLANES, bk), lambda b, g, qi, s: (b, 0, new(qi, s))),
         "kvseg_out": lambda shape: pl.BlockSpec(
             (None, SUBLANES, bk), lambda b, g, qi, s: (b, 0, done(qi, s))

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import tpu_common as tc
-from kernels.tpu_bwd import accumulate_dk, accumulate_dq, mix_gradient
+from kernels.tpu_bwd import accumulate_dk, accumulate_dq, delta_kernel, mix_gradient
 from kernels.tpu_common import LANES, NT_DIMS, SUBLANES, TN_DIMS, Config
 from kernels.tpu_post_conv import call_kernel, halo_rows, post_conv_tiles, same_doc_rows, shift_keys
 
@@ -101,28 +101,20 @@ def _conv_transpose(r, cfg: Config, dpcm: dict) -> list:
     return out
 
 
+def _tile_dp(r, cfg: Config, qi, ki, p=None, visible=None):
+    """dP0 [bq, bk] per head of tile (qi, ki): the transposed conv of dPcm on it and its neighbours."""
+    return _conv_transpose(r, cfg, {s: _dpcm(r, cfg, qi, ki + d, s)[1] for s, d in SIDES})
+
+
 def _tile_dz(r, cfg: Config, qi, ki, p):
     """dz = P0 (dP0 - delta) and dS of tile (qi, ki), given its P0 [bq, bk] per head."""
-    dpcm = {s: _dpcm(r, cfg, qi, ki + d, s)[1] for s, d in SIDES}
-    dp = _conv_transpose(r, cfg, dpcm)
+    dp = _tile_dp(r, cfg, qi, ki)
     dz = [p[t] * (dp[t] - tc.to_lanes(r["delta"][t], cfg.block_k)) for t in range(cfg.group)]
     ds = tc.mix_tiles(dz, r["pre"], cfg, cfg.pre_size, transpose=True) if cfg.pre_size else dz
     return dp, dz, ds
 
 
-def _delta(r, cfg: Config, qi, ki):
-    @pl.when(ki == 0)
-    def _init():
-        r["delta_out"][...] = jnp.zeros(r["delta_out"].shape, jnp.float32)
-
-    @pl.when(tc.should_run(cfg, qi, ki))
-    def _run():
-        _, z, visible, _ = tc.tile_scores(r, cfg, qi, ki)
-        p = tc.tile_probs(r, z, visible, cfg)
-        dpcm = {s: _dpcm(r, cfg, qi, ki + d, s)[1] for s, d in SIDES}
-        dp = _conv_transpose(r, cfg, dpcm)
-        for t in range(cfg.group):
-            r["delta_out"][t] += jnp.sum(p[t] * dp[t], axis=1, keepdims=True)
+_delta = delta_kernel(_tile_dp)
 
 
 def _dq(r, cfg: Config, qi, ki):
@@ -220,7 +212,6 @@ def _block_specs(cfg: Config, kv_major: bool, shapes: dict) -> dict:
             ki = jnp.minimum(ki, tc.last_k(cfg, qi)) if cfg.causal else ki
         return qi, ki
 
-    row_of = {"": lambda qi: qi, "_above": lambda qi: qi, "_below": lambda qi: qi}  # halo_rows' blocks
     key_of = {suffix: (lambda ki, d=d: jnp.clip(ki + d, 0, cfg.num_k - 1)) for suffix, d in SIDES}
 
     def heads(rows, tile_of, nd):
@@ -236,11 +227,9 @@ def _block_specs(cfg: Config, kv_major: bool, shapes: dict) -> dict:
         suffix = name[len(base) :]
         rows = {"": bq, "_above": halo, "_below": halo}
         if base in ("qp", "band", "lse", "dout", "delta", "dq", "dband", "delta_out"):
-            return heads(rows[suffix], lambda qi, ki: row_of[suffix](qi), len(shape))(shape)
+            return heads(rows[suffix], lambda qi, ki: qi, len(shape))(shape)  # *_above / *_below: halo_rows
         if base == "qseg":
-            return pl.BlockSpec(
-                (None, rows[suffix], LANES), lambda b, g, o, i: (b, row_of[suffix](tiles(o, i)[0]), 0)
-            )
+            return pl.BlockSpec((None, rows[suffix], LANES), lambda b, g, o, i: (b, tiles(o, i)[0], 0))
         if base == "kvseg":
             return pl.BlockSpec(
                 (None, SUBLANES, bk), lambda b, g, o, i: (b, 0, key_of[suffix](tiles(o, i)[1]))

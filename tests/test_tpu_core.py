@@ -135,6 +135,14 @@ def _check(inputs: dict, dtype, rtol: float) -> None:
 
     out, grads = value_and_vjp(kernel, args, cotangent)
     want, want_grads = value_and_vjp(reference, args, cotangent)
+    assert_values_and_gradients_close(names, (out, grads), (want, want_grads), rtol)
+
+
+def assert_values_and_gradients_close(names, got, want, rtol: float) -> None:
+    """got / want: (out, gradients by name) of the kernels and of core_reference; float32 out, tolerances
+    relative to each array's largest entry; a None gradient on one side must be None on the other."""
+    out, grads = got
+    want, want_grads = want
     assert out.dtype == jnp.float32 and out.shape == want.shape
     np.testing.assert_allclose(out, want, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(want))))
     for name, got, exp in zip(names, grads, want_grads, strict=True):

@@ -8,14 +8,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from kernels.chips import get_chip
 from kernels.core_reference import core_reference
 from kernels.tpu_core import mta_core_tpu
 from tests.test_compile_targets import device_or_skip
-from tests.test_tpu_core import _inputs
+from tests.test_tpu_core import _inputs, assert_values_and_gradients_close
 
 # (shape and options of tests/test_tpu_core.py's _inputs, (c_q, c_k), pad_key)
 CASES = {
@@ -89,17 +88,7 @@ def _check(rng, case, dtype, rtol: float) -> None:
         out, fn_vjp = jax.vjp(fn, *args)
         return out, fn_vjp(cotangent)
 
-    out, grads = value_and_vjp(fused, args)
-    want, want_grads = value_and_vjp(reference, args)
-    assert out.dtype == jnp.float32 and out.shape == want.shape
-    np.testing.assert_allclose(out, want, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(want))))
-    for name, got, exp in zip(names, grads, want_grads, strict=True):
-        if exp is None:
-            assert got is None, name
-            continue
-        got, exp = np.asarray(got, np.float32), np.asarray(exp, np.float32)
-        scale = float(np.max(np.abs(exp))) or 1.0
-        np.testing.assert_allclose(got, exp, rtol=rtol, atol=rtol * scale, err_msg=name)
+    assert_values_and_gradients_close(names, value_and_vjp(fused, args), value_and_vjp(reference, args), rtol)
 
 
 @pytest.mark.parametrize("case", list(CASES) + [pytest.param(c, marks=pytest.mark.slow) for c in SLOW_CASES])
@@ -182,4 +171,17 @@ def test_compiles_for_v5e():
 def test_the_paper_layer_compiles(target, q_len, block_q, block_k, backward):
     """The README's claims: H = 16 with 16-head mixing on both sides, within the chip's VMEM and HBM."""
     compiled = _compile(target, 16, q_len, block_q, block_k, backward=backward)
-    assert compiled.memory_analysis().temp_size_in_bytes < 1.5 * 2**30
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    print(
+        f"{target} T={q_len} {block_q}x{block_k} backward={backward}: temp {temp / 2**20:.0f} MiB"
+    )  # -s shows it
+    assert temp < 1.5 * 2**30
+
+
+@pytest.mark.slow  # about a minute
+def test_dkv_at_128_by_256_is_over_a_v5e_vmem():
+    """Why tpu_tiles.py keeps the post-conv backward at 128 x 128 on v5e: libtpu refuses dK/dV at 128 x 256
+    (its message says by how much)."""
+    with pytest.raises(Exception, match="vmem") as refused:
+        _compile("v5e", 16, 4096, 128, 256)
+    print(str(refused.value)[:600])
