@@ -115,7 +115,7 @@ def vmem_bytes(kind: str, p: Problem, tiles: TpuTiles) -> int:
 
 def fits(kind: str, p: Problem, tiles: TpuTiles, chip: Chip) -> bool:
     """Twice the estimate within 7/8 of VMEM; with the post conv, whose estimate counts the conv's live
-    tiles, the estimate itself (libtpu: dK/dV at 128 x 256 needs 130.6 MiB on a v5e, estimated 1.2x that)."""
+    tiles, the estimate itself (libtpu: dK/dV at 128 x 256 needs 130.8 MiB on a v5e, estimated 1.2x that)."""
     margin = 1 if p.conv_q else 2
     return margin * vmem_bytes(kind, p, tiles) <= chip.vmem_bytes * 7 // 8
 
