@@ -29,3 +29,16 @@ def test_a_write_interrupted_before_the_rename_leaves_the_old_file(tmp_path, mon
         write_text_atomic(path, "new\n")
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["stopped.json"]
+
+
+def test_a_written_file_has_the_umask_s_mode_not_mkstemp_s(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = tmp_path / "result.json"
+        write_text_atomic(path, "{}\n")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        write_text_atomic(path, "{}\n")
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(mask)
