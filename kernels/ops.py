@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec
 
 from kernels import tpu_tiles, triton_tiles
 from kernels.dspace import dspace_operands
-from kernels.platform import Target, chip_of, per_platform
+from kernels.platform import Target, chip_of, per_platform, traced_target
 from kernels.tpu_core import mta_core_tpu
 from kernels.triton_core import mta_core_triton
 from mta_jax.config import MTAConfig
@@ -183,8 +183,10 @@ def pallas_attention_core(
         tpu=branch("tpu", bool(interpret)), cuda=branch("triton", bool(interpret)),
         cpu=branch(_cpu_kernel(cfg), True if interpret is None else interpret),
     )  # fmt: skip
-    if any(unsupported_option(cfg, dtype=q.dtype, head_dim=q.shape[-1], platform=p) for p in branches):
-        # Staging every platform's branch would fail in the one that lacks the option: the host's alone.
+    lacking = any(unsupported_option(cfg, dtype=q.dtype, head_dim=q.shape[-1], platform=p) for p in branches)
+    if lacking and traced_target(q) is None:
+        # Staging every platform's branch would fail in the one that lacks the option, and nothing names
+        # the target: the host's alone. (A known target, e.g. a compile-only TPU, gets its own kernels.)
         host = "cuda" if jax.default_backend() == "gpu" else jax.default_backend()
         return branches[host](*args, target=Target(host, None))
     return per_platform(args, q, **branches)
