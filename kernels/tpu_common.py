@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.core_reference import MASK_VALUE
+from kernels.tpu_cost import cost_estimate
 from mta_jax import dropout
 
 LANES = 128
@@ -351,31 +352,6 @@ def block_specs(cfg: Config, kv_major: bool):
     }
 
 
-# Matrix-unit FLOP per score and head in units of (C * Dk, D): QK^T recomputations, products with v / dout.
-_MXU_TERMS = {"fwd": (1, 1), "lse": (1, 0), "fwd_post": (1, 1), "delta": (1, 1), "dq": (2, 1), "dkv": (2, 2)}
-
-
-def tiles_computed(cfg: Config) -> int:
-    """Number of (q tile, kv tile) pairs the kernels compute (causal skipping included)."""
-    if not cfg.causal:
-        return cfg.num_q * cfg.num_k
-    total = 0
-    for qi in range(cfg.num_q):
-        row = qi * cfg.block_q + cfg.block_q - 1 + cfg.shift
-        total += 0 if row < 0 else min(row // cfg.block_k, cfg.num_k - 1) + 1
-    return total
-
-
-def cost_estimate(mode: str, cfg: Config, batch: int, qp_shape, dim: int, arrays) -> pl.CostEstimate:
-    """FLOP / transcendental / byte estimate of one kernel for XLA's scheduler."""
-    scores = batch * cfg.heads * tiles_computed(cfg) * cfg.block_q * cfg.block_k
-    qk_terms, v_terms = _MXU_TERMS[mode]
-    flops = 2 * scores * (qk_terms * qp_shape[2] * qp_shape[4] + v_terms * dim)
-    flops += 2 * scores * (cfg.pre_size + cfg.post_size)  # head mixing on the vector unit
-    nbytes = sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in arrays)
-    return pl.CostEstimate(flops=int(flops), transcendentals=int(scores), bytes_accessed=int(nbytes))
-
-
 def padded_bytes(shape, dtype) -> int:
     """VMEM bytes of a block: last dim padded to 128 lanes, second-last to 8 sublanes."""
     dims = [d for d in shape if d is not None] or [1]
@@ -443,7 +419,9 @@ def run_kernel(mode: str, body, cfg: Config, inputs: dict, outputs: dict, scratc
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
             vmem_limit_bytes=vmem_limit(cfg, blocks, scratch.values()),
         ),
-        cost_estimate=cost_estimate(mode, cfg, batch, inputs["qp"].shape, dim, arrays),
+        cost_estimate=cost_estimate(
+            mode, cfg, batch, inputs["qp"].shape, dim, grid, in_specs + out_specs, arrays
+        ),
         interpret=cfg.interpret,
         name=f"mta_core_{mode}",
     )(*inputs.values())

@@ -25,6 +25,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels import tpu_common as tc
 from kernels.tpu_common import LANES, SUBLANES, Config
+from kernels.tpu_cost import cost_estimate
 from kernels.tpu_fwd import fwd_online
 
 RING = 3  # P0 of key tiles s - 2, s - 1 and s
@@ -179,16 +180,6 @@ def _block_specs(cfg: Config, shapes: dict) -> dict:
     return {name: (specs[name](shape) if name in specs else smem) for name, shape in shapes.items()}
 
 
-def _cost(cfg: Config, batch: int, qp_shape, dim: int, arrays) -> pl.CostEstimate:
-    """tpu_common's estimate of a post-mix pass plus the conv on the vector unit."""
-    base = tc.cost_estimate("fwd_post", cfg, batch, qp_shape, dim, arrays)
-    scores = batch * cfg.heads * tc.tiles_computed(cfg) * cfg.block_q * cfg.block_k
-    flops = base.flops + 2 * scores * cfg.conv_q * cfg.conv_k
-    return pl.CostEstimate(
-        flops=int(flops), transcendentals=base.transcendentals, bytes_accessed=base.bytes_accessed
-    )
-
-
 def halo_rows(x: jax.Array, *, block: int, halo: int, axis: int, below: bool = False) -> jax.Array:
     """The `halo` rows above (or below) each `block`-row tile of x along `axis`, tile after tile:
     [..., T / block * halo, ...], zeros past the sequence's ends. A separate small array, because a
@@ -230,14 +221,11 @@ def forward_post_conv(cfg: Config, qp, kp, v, band, qseg, kvseg, pre, post, seed
     scratch = {"ring": ((RING, cfg.group, cfg.halo + cfg.block_q, cfg.block_k), f32)}
     specs = _block_specs(cfg, {k: x.shape for k, x in {**inputs, **outputs}.items()})
     grid = (batch, heads // cfg.group, cfg.num_q, cfg.num_k + 1)
-    cost = _cost(cfg, batch, qp.shape, dim, [*inputs.values(), *outputs.values()])
-    res = call_kernel("fwd_post_conv", _fwd_post_conv, cfg, grid, specs, inputs, outputs, scratch, cost)
+    res = call_kernel("fwd_post_conv", _fwd_post_conv, cfg, grid, specs, inputs, outputs, scratch)
     return res["out"], lse
 
 
-def call_kernel(
-    mode: str, body, cfg: Config, grid, specs: dict, inputs: dict, outputs: dict, scratch: dict, cost
-):
+def call_kernel(mode: str, body, cfg: Config, grid, specs: dict, inputs: dict, outputs: dict, scratch: dict):
     """pallas_call of body(r, cfg, outer, inner) over `grid`, with VMEM for the conv's live tiles on top of
     tpu_common's estimate. Returns the outputs by name."""
     names = tuple(inputs) + tuple(outputs) + tuple(scratch)
@@ -259,7 +247,10 @@ def call_kernel(
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"), vmem_limit_bytes=int(limit)
         ),
-        cost_estimate=cost,
+        cost_estimate=cost_estimate(
+            mode, cfg, inputs["qp"].shape[0], inputs["qp"].shape, inputs["v"].shape[-1], grid,
+            [specs[k] for k in arrays], list(arrays.values()),
+        ),
         interpret=cfg.interpret,
         name=f"mta_core_{mode}",
     )(*inputs.values())

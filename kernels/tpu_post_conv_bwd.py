@@ -255,12 +255,8 @@ def _run(mode, body, cfg: Config, kv_major: bool, inputs: dict, outputs: dict, s
     specs = _block_specs(cfg, kv_major, {k: x.shape for k, x in {**inputs, **outputs}.items()})
     batch, heads = inputs["qp"].shape[:2]
     outer, inner = (cfg.num_k, cfg.num_q) if kv_major else (cfg.num_q, cfg.num_k)
-    arrays = [*inputs.values(), *outputs.values()]
-    cost = tc.cost_estimate(
-        "dkv" if kv_major else "dq", cfg, batch, inputs["qp"].shape, inputs["v"].shape[-1], arrays
-    )
     grid = (batch, heads // cfg.group, outer, inner)
-    return call_kernel(mode, body, cfg, grid, specs, inputs, outputs, scratch, cost)
+    return call_kernel(mode, body, cfg, grid, specs, inputs, outputs, scratch)
 
 
 def _halo_inputs(cfg: Config, qp, qseg, lse, band, dout) -> dict:
