@@ -23,6 +23,10 @@ from jax.extend.core import Literal
 if TYPE_CHECKING:
     from kernels.tpu_common import Config
 
+# Which count the Mosaic kernels declare, recorded in train.compile's JSON: "pipeline-dma" (this file).
+# The kernels before 2026-12-06 declared each operand once, which left their re-reads out of the roofline.
+COST_MODEL = "pipeline-dma"
+
 # FLOP per computed score and head, by kernel: wide = the QK contraction (C * Dk), d = the value width,
 # conv = 2 c_q c_k (the post conv on the vector unit). The post-conv backward kernels rebuild dPcm on three
 # key tiles (a d-wide product each); dK/dV also P on three key tiles, the conv for Pc and dW's sums.

@@ -78,3 +78,27 @@ def test_step_estimate_never_counts_less_than_the_model_flops():
     over = step_estimate(report, chip)
     assert over["flops_used"] == "compiled" and over["mfu"] == pytest.approx(0.8)
     assert over["tokens_per_s_per_chip"] == pytest.approx(262_144 / 32 / 0.125)
+
+
+def test_rows_compiled_with_old_kernel_costs_are_marked_and_left_out_of_the_goals():
+    """A report whose Mosaic kernels declared each operand once (no kernel_cost_model) has a too-optimistic
+    estimate: its row carries * and the goals are judged on the others only."""
+    from kernels.tpu_cost import COST_MODEL
+
+    current = {
+        k: {**r, "mosaic_kernels_in_train_step": 48, "kernel_cost_model": COST_MODEL}
+        for k, r in REPORTS.items()
+    }
+    reports = {
+        **current,
+        ("1B", "mta", "v5p-64"): {**REPORTS[("1B", "mta", "v5p-64")], "mosaic_kernels_in_train_step": 48},
+    }
+    table = pod_table.rows(["880M", "1B"], ["v5p-64"], load=lambda *key: reports.get(key))
+    assert [r["current_costs"] for r in table] == [True, False]
+    text = pod_table.markdown(table)
+    assert "| 0.50 * |" in text and "| 0.75 |" in text and pod_table.STALE_NOTE in text
+    assert "worst here 1.20: met" in text and "worst 0.75: met" in text  # 1B's stale 1.50 / 0.50 left out
+    assert not pod_table.stale({"attention": {"blockwise": [0]}})  # no Mosaic kernel: nothing to be stale
+    assert not pod_table.markdown(pod_table.rows(["880M"], ["v5p-64"], load=lambda *k: current.get(k))).count(
+        "*"
+    )

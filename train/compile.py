@@ -12,6 +12,7 @@ fits, 1 when it does not (with the numbers and what to change), 2 for a bad conf
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -124,9 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         hint = " (with --slices, the data axis spans the slices: set mesh.data to a multiple)" if slices > 1 else ""
         print(f"error: {error}{hint}", file=sys.stderr)
         return 2
+    from kernels.tpu_cost import COST_MODEL
+
     report = {
         "config": args.config,
         "overrides": args.overrides,
+        "compiled_on": datetime.date.today().isoformat(),
+        "kernel_cost_model": COST_MODEL,
         "attention_implementation": cfg.model.attention_implementation,
         "platform": pod.chip.platform,
         **report,
