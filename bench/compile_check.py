@@ -91,12 +91,18 @@ def _function(point: Point, cfg, dpa_implementation: str | None):
     return jax.grad(loss, argnums=(0, 1, 2, 3))
 
 
-def _inputs(device, point: Point, cfg):
-    shape = (BATCH, point.seq, HEADS, point.head_dim)
-    params = jax.eval_shape(lambda: init_mta_params(cfg, HEADS, point.head_dim, jax.random.key(0)))
+def abstract_inputs(device, shape: tuple[int, int, int, int], cfg, dtype=DTYPE):
+    """q, k, v, the layer's MTA parameters and the output cotangent, as abstract arrays on `device`
+    (a compile-only chip); shape = (batch, seq, heads, head_dim)."""
+    _, _, heads, head_dim = shape
+    params = jax.eval_shape(lambda: init_mta_params(cfg, heads, head_dim, jax.random.key(0)))
     params = jax.tree.map(lambda p: aot.abstract(device, p.shape, p.dtype), params)
-    q, k, v, cotangent = (aot.abstract(device, shape, DTYPE) for _ in range(4))
+    q, k, v, cotangent = (aot.abstract(device, shape, dtype) for _ in range(4))
     return q, k, v, params, cotangent
+
+
+def _inputs(device, point: Point, cfg):
+    return abstract_inputs(device, (BATCH, point.seq, HEADS, point.head_dim), cfg)
 
 
 @dataclasses.dataclass

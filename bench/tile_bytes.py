@@ -26,19 +26,22 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench.attention import layer_config  # noqa: E402
-from bench.compile_check import LAYERS, _short, _tpu_kernels  # noqa: E402
+from bench.compile_check import LAYERS, _short, _tpu_kernels, abstract_inputs  # noqa: E402
 from kernels import aot  # noqa: E402
 from kernels.chips import get_chip  # noqa: E402
 from kernels.ops import default_block_sizes, pallas_attention_core  # noqa: E402
 from kernels.tpu_tiles import TpuBlockSizes, TpuTiles  # noqa: E402
-from mta_jax.params import init_mta_params  # noqa: E402
 from train.files import write_text_atomic  # noqa: E402
 
 
 def parse_tiles(text: str) -> TpuBlockSizes:
     """ "256x128,256x128,128x256" -> the forward, dQ and dK/dV tiles."""
     try:
-        fwd, dq, dkv = (TpuTiles(*map(int, part.split("x"))) for part in text.split(","))
+        tiles = []
+        for part in text.split(","):
+            block_q, block_k = part.split("x")  # exactly two: "128" must not take a default block_k
+            tiles.append(TpuTiles(int(block_q), int(block_k)))
+        fwd, dq, dkv = tiles
     except (TypeError, ValueError) as error:
         raise ValueError(
             f"--tiles {text!r} is invalid: must be FWDQxFWDK,DQQxDQK,DKVQxDKVK ({error})"
@@ -50,14 +53,10 @@ def measure(
     chip, device, layer: str, shape: tuple[int, int, int, int], blocks: TpuBlockSizes | None, compile_it: bool
 ):
     """Lower (and with compile_it compile) the core's gradients at `blocks` (None: the defaults)."""
-    batch, seq, heads, head_dim = shape
-    cfg = layer_config(layer, heads)
-    dtype = jnp.bfloat16
-    x = aot.abstract(device, shape, dtype)
-    params = jax.eval_shape(lambda: init_mta_params(cfg, heads, head_dim, jax.random.key(0)))
-    params = jax.tree.map(lambda p: aot.abstract(device, p.shape, p.dtype), params)
+    cfg = layer_config(layer, shape[2])
+    q, k, v, params, cotangent = abstract_inputs(device, shape, cfg, jnp.bfloat16)
     if blocks is None:
-        blocks = default_block_sizes("tpu", chip, x, x, cfg)
+        blocks = default_block_sizes("tpu", chip, q, k, cfg)
 
     def loss(q, k, v, params, cotangent):
         out = pallas_attention_core(
@@ -75,7 +74,7 @@ def measure(
 
     record = {name: dataclasses.asdict(getattr(blocks, name)) for name in ("fwd", "dq", "dkv")}
     with aot.target_mesh(device):
-        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(x, x, x, params, x).lower()
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, params, cotangent).lower()
         kernels = _tpu_kernels(lowered)
         record.update(
             kernel_bytes=sum(k["estimate_bytes_accessed"] for k in kernels),

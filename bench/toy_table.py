@@ -2,7 +2,8 @@
 steps each seed needs to solve the task.
 
     python bench/toy_table.py [--config configs/train/toy_table.yaml] [--answers all first last]
-        [--seeds 0 1 2 3 4] [--steps N] [--out bench/results] [--runs-dir runs/toy_table] [key=value ...]
+        [--seeds 0 1 2 3 4] [--steps N] [--jobs N] [--out bench/results] [--runs-dir runs/toy_table]
+        [key=value ...]
 
 For every answer variant, seed and model (the config's MTA model, and `model.baseline()`: the same model
 with no MTA part), trains with the project's training loop (train/loop.py). With the config's
@@ -14,7 +15,11 @@ solve, the error where it stopped, its eval-error curve read from the run's metr
 paper's Table 1) and <out>/toy_table.png (the eval-error curves: both models, every seed, one panel per
 answer variant), and prints the table. Before training it prints the expected time. JSON is rewritten
 after every run, so an interrupted table keeps what it measured; runs already in the JSON for the same
-setting are not repeated.
+setting are not repeated. MTA runs go first, so a table stopped early has the model under test.
+
+--jobs N trains N runs at once, each in its own process with a single-threaded XLA CPU backend (on the
+2-core CPU, --jobs 2 does about 1.3x the steps a second of one multi-threaded run). SIGTERM or Ctrl-C
+stops every run at its next step with a checkpoint; those runs are not recorded and resume next time.
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ import dataclasses
 import datetime
 import json
 import logging
+import multiprocessing
+import os
+import signal
 import statistics
 import sys
 import time
+from concurrent import futures
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +62,9 @@ MODELS = ("Transformer", "MTA")
 # expected, 275x the FLOPs; on the busy CPU it took 21 s, 150x the toy table's 0.14 s there).
 SECONDS_PER_STEP = 0.045
 SECONDS_PER_STEP_FLOPS = 1.68e9
+# Steps a second of two single-threaded runs at once over one multi-threaded run, on the 2-core CPU:
+# 500 steps of toy_table.yaml took 0.062 s a step alone and 0.089-0.101 s a step each as a pair (measured).
+PARALLEL_SPEEDUP = 1.3
 
 
 def run_config(cfg: TrainConfig, model: str, answer: str, seed: int, runs_dir: Path) -> TrainConfig:
@@ -195,12 +207,82 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def expected_seconds(cfg: TrainConfig, runs: int) -> float:
-    """An upper bound on the table's time: every run the whole budget (solved runs stop earlier)."""
+def expected_seconds(cfg: TrainConfig, runs: int, jobs: int = 1) -> float:
+    """An upper bound on the table's time: every run the whole budget (solved runs stop earlier); with
+    jobs > 1 on the 2-core CPU, the measured PARALLEL_SPEEDUP."""
     tokens = cfg.global_batch_size * cfg.data.seq_len
     flops = tokens * flops_lib.training_flops_per_token(cfg.model, cfg.data.seq_len)
     per_step = SECONDS_PER_STEP * flops / SECONDS_PER_STEP_FLOPS
-    return runs * cfg.steps * per_step
+    return runs * cfg.steps * per_step / (PARALLEL_SPEEDUP if jobs > 1 else 1.0)
+
+
+_STOP = None  # in a --jobs worker: the table's stop event (set on SIGTERM / Ctrl-C)
+
+
+def _train_one(run_cfg: TrainConfig, model: str) -> dict | None:
+    """Trains one cell; its record, or None when SIGTERM / Ctrl-C stopped it (saved, resumable) or the
+    table was stopped before it began."""
+    if _STOP is not None and _STOP.is_set():
+        return None
+    start = time.perf_counter()
+    result = train(run_cfg)
+    if result.preempted:
+        return None
+    return run_record(run_cfg, result, model, time.perf_counter() - start)
+
+
+def _model_name(run_cfg: TrainConfig) -> str:
+    return "MTA" if run_cfg.model.mta is not None else "Transformer"
+
+
+def _worker_init(stop_event) -> None:
+    """A --jobs worker: one XLA CPU thread (the runs share the cores), the table's stop event, and Ctrl-C
+    left to train()'s handler, which is only installed while a run trains (between runs the worker must
+    not die of it)."""
+    global _STOP
+    _STOP = stop_event
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def train_cells(cells: list[TrainConfig], jobs: int):
+    """Yields (run_cfg, record or None) for every cell as it finishes: in this process for jobs == 1,
+    else in `jobs` worker processes. After SIGTERM or Ctrl-C no new run starts; SIGTERM is passed on to
+    the workers (Ctrl-C reaches them from the terminal)."""
+    if jobs == 1:
+        for run_cfg in cells:
+            record = _train_one(run_cfg, _model_name(run_cfg))
+            yield run_cfg, record
+            if record is None:
+                return
+        return
+    context = multiprocessing.get_context("spawn")  # a fresh JAX in every worker
+    stopping = context.Event()  # queued runs a worker already took must not start either
+
+    def stop(signum, frame):
+        stopping.set()
+        if signum == signal.SIGTERM:
+            for child in multiprocessing.active_children():
+                child.terminate()  # SIGTERM: the run saves and stops at its next step
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with futures.ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=_worker_init, initargs=(stopping,)
+        ) as pool:
+            pending = {pool.submit(_train_one, c, _model_name(c)): c for c in cells}
+            while pending:
+                done, _ = futures.wait(pending, timeout=1.0, return_when=futures.FIRST_COMPLETED)
+                if stopping.is_set():
+                    for future in pending:
+                        future.cancel()  # not started: nothing to save
+                for future in done:
+                    yield pending.pop(future), future.result()
+                pending = {f: c for f, c in pending.items() if not f.cancelled()}
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _device_name() -> str:
@@ -225,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--steps", type=int, help="override the config's steps")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each")
     parser.add_argument(
         "overrides", nargs="*", help="config overrides as for python -m train, e.g. global_batch_size=64"
     )
@@ -264,31 +347,33 @@ def main(argv: list[str] | None = None) -> dict:
     done = {(r["model"], r["answer"], r["seed"]) for r in report["runs"]}
     todo = [
         (answer, seed, model)
+        for model in reversed(MODELS)  # MTA first
+        if model in args.models
         for answer in args.answers
         for seed in args.seeds
-        for model in args.models
         if (model, answer, seed) not in done
     ]
-    bound = expected_seconds(cfg, len(todo))
+    if args.jobs < 1:
+        raise ValueError(f"jobs={args.jobs} is invalid: needs at least 1")
+    bound = expected_seconds(cfg, len(todo), args.jobs)
     print(
-        f"{len(todo)} run(s) to train, at most {cfg.steps} steps each: at most {bound / 60:.0f} minutes "
-        f"on an idle 2-core CPU (runs that reach the target stop earlier; a busy CPU is slower)",
+        f"{len(todo)} run(s) to train, at most {cfg.steps} steps each, {args.jobs} at a time: at most "
+        f"{bound / 60:.0f} minutes on an idle 2-core CPU (runs that reach the target stop earlier; a busy "
+        "CPU is slower)",
         flush=True,
     )
-    for answer, seed, model in todo:
-        run_cfg = run_config(cfg, model, answer, seed, Path(args.runs_dir))
-        start = time.perf_counter()
-        result = train(run_cfg)
-        seconds = time.perf_counter() - start
-        if result.preempted:  # SIGTERM or Ctrl-C: not a finished run; it resumes from its checkpoint
-            print(f"{model} answer={answer} seed={seed}: stopped at step {result.step}, not recorded")
-            break
-        record = run_record(run_cfg, result, model, seconds)
+    cells = [run_config(cfg, model, answer, seed, Path(args.runs_dir)) for answer, seed, model in todo]
+    for run_cfg, record in train_cells(cells, args.jobs):
+        if record is None:  # SIGTERM or Ctrl-C: not a finished run; it resumes from its checkpoint
+            name, answer = _model_name(run_cfg), run_cfg.data.toy_answer
+            print(f"{name} answer={answer} seed={run_cfg.seed}: stopped, not recorded")
+            continue
         report["runs"].append(record)
         solved = f"solved at step {record['steps_to_solve']}" if record["steps_to_solve"] else "not solved"
         print(
-            f"{model:11s} answer={answer:5s} seed={seed}: {solved}, "
-            f"error {100 * record['sequence_error']:.1f}% at step {record['final_step']}, {seconds:.0f} s",
+            f"{record['model']:11s} answer={record['answer']:5s} seed={record['seed']}: {solved}, "
+            f"error {100 * record['sequence_error']:.1f}% at step {record['final_step']}, "
+            f"{record['seconds']:.0f} s",
             flush=True,
         )
         write_text_atomic(json_path, json.dumps(report, indent=2) + "\n")

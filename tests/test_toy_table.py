@@ -207,3 +207,29 @@ def test_a_preempted_run_is_not_recorded_and_the_table_stops(tmp_path, monkeypat
     args = ["--seeds", "0", "1", "--answers", "last", "--models", "MTA", "--out", str(tmp_path / "out")]
     report = main(args + ["--runs-dir", str(tmp_path / "runs")])
     assert calls == [0] and report["runs"] == []
+
+
+def test_jobs_train_runs_in_worker_processes_and_record_each(tmp_path, capsys):
+    args = ["--steps", "2", "--seeds", "0", "1", "--answers", "last", "--models", "MTA", "--jobs", "2"]
+    args += ["--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"), "global_batch_size=8"]
+    report = main(args)
+    assert sorted(r["seed"] for r in report["runs"]) == [0, 1]
+    for run in report["runs"]:
+        assert run["final_step"] == 2 and 0.0 <= run["sequence_error"] <= 1.0
+        assert (tmp_path / "runs" / f"mta-last-seed{run['seed']}" / "metrics.jsonl").is_file()
+    assert "2 at a time" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="jobs=0 is invalid"):
+        main(["--jobs", "0", "--out", str(tmp_path / "o2")])
+
+
+def test_a_run_queued_after_a_stop_does_not_start(tmp_path, monkeypatch):
+    import threading
+
+    import bench.toy_table as toy_table
+
+    stop = threading.Event()
+    stop.set()
+    monkeypatch.setattr(toy_table, "_STOP", stop)
+    monkeypatch.setattr(toy_table, "train", lambda cfg: pytest.fail("a stopped table trained a run"))
+    cfg = run_config(load_train_config(ROOT / "configs/train/toy_table.yaml"), "MTA", "all", 0, tmp_path)
+    assert toy_table._train_one(cfg, "MTA") is None
