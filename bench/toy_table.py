@@ -55,12 +55,13 @@ PAPER = {
     "MTA": {"all": "0.1 ± 0.1", "first": "0.0 ± 0.0", "last": "0.0 ± 0.0"},
 }
 MODELS = ("Transformer", "MTA")
-# Seconds per training step of configs/train/toy_table.yaml on an idle 2-core CPU (evaluation included),
-# measured (80 s for 2000 steps); the expected time printed before a table scales it by the config's model
-# FLOPs per step (train/flops.py) over this one's: 1.68 GFLOP (batch 32 of 32 tokens, the 4-layer dim-64
-# MTA model). Larger models use the CPU better, so this overestimates them (toy_paper.yaml: 12 s a step
-# expected, 275x the FLOPs; on the busy CPU it took 21 s, 150x the toy table's 0.14 s there).
-SECONDS_PER_STEP = 0.045
+# Seconds per training step of configs/train/toy_table.yaml on the 2-core CPU (evaluation included),
+# measured on 2026-12-06: 0.062 s a step over 500 steps (an earlier, idler measurement gave 0.045; the
+# figure varies with the machine's load). The expected time printed before a table scales it by the
+# config's model FLOPs per step (train/flops.py) over this one's: 1.68 GFLOP (batch 32 of 32 tokens, the
+# 4-layer dim-64 MTA model). Larger models use the CPU better, so this overestimates them
+# (toy_paper.yaml: 17 s a step expected, 275x the FLOPs; on a busy CPU it took 21 s).
+SECONDS_PER_STEP = 0.062
 SECONDS_PER_STEP_FLOPS = 1.68e9
 # Steps a second of two single-threaded runs at once over one multi-threaded run, on the 2-core CPU:
 # 500 steps of toy_table.yaml took 0.062 s a step alone and 0.089-0.101 s a step each as a pair (measured).
