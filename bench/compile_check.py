@@ -122,7 +122,7 @@ class _CudnnVersion:
         self._module.check_cudnn_version = self._saved
 
 
-def _tpu_kernels(lowered) -> list[dict]:
+def tpu_kernels(lowered) -> list[dict]:
     """Each Mosaic kernel of a lowered TPU computation: name, scoped VMEM asked for, its cost estimate."""
     from jax._src.lib.mlir import ir
 
@@ -161,7 +161,7 @@ def _gpu_kernels(lowered) -> list[dict]:
         try:
             compiled = aot.compile_triton(kernel)
         except Exception as error:  # noqa: BLE001 - the compiler's refusal is the finding
-            report.update(accepted=False, error=_short(error))
+            report.update(accepted=False, error=short_error(error))
         else:
             report.update(accepted=True, smem_bytes=compiled["smem_bytes"])
             report["ptxas"] = aot.ptxas_report(compiled["ptx"])
@@ -233,13 +233,13 @@ def check_point(chip, device, point: Point) -> dict:
                 lowered = jax.jit(fn).trace(*_inputs(device, point, cfg)).lower()
                 kernels = []
                 if point.path == "pallas":
-                    kernels = _gpu_kernels(lowered) if chip.platform == "cuda" else _tpu_kernels(lowered)
+                    kernels = _gpu_kernels(lowered) if chip.platform == "cuda" else tpu_kernels(lowered)
                 compiled = lowered.compile()
         except Exception as error:  # noqa: BLE001 - the compiler's message is the record
             if index + 1 < len(choices):
-                record["dpa_fallback_reason"] = _short(error)
+                record["dpa_fallback_reason"] = short_error(error)
                 continue
-            record.update(accepted=False, error=_short(error))
+            record.update(accepted=False, error=short_error(error))
             if point.path == "pallas":
                 record["kernels"] = kernels
             return record
@@ -260,7 +260,7 @@ def check_point(chip, device, point: Point) -> dict:
     return record
 
 
-def _short(error: BaseException, limit: int = 400) -> str:
+def short_error(error: BaseException, limit: int = 400) -> str:
     text = f"{type(error).__name__}: {error}".strip()
     text = re.sub(r"\s+", " ", text)
     return text if len(text) <= limit else text[: limit - 3] + "..."

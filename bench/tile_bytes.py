@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench.attention import layer_config  # noqa: E402
-from bench.compile_check import LAYERS, _short, _tpu_kernels, abstract_inputs  # noqa: E402
+from bench.compile_check import LAYERS, abstract_inputs, short_error, tpu_kernels  # noqa: E402
 from kernels import aot  # noqa: E402
 from kernels.chips import get_chip  # noqa: E402
 from kernels.ops import default_block_sizes, pallas_attention_core  # noqa: E402
@@ -75,7 +75,7 @@ def measure(
     record = {name: dataclasses.asdict(getattr(blocks, name)) for name in ("fwd", "dq", "dkv")}
     with aot.target_mesh(device):
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(q, k, v, params, cotangent).lower()
-        kernels = _tpu_kernels(lowered)
+        kernels = tpu_kernels(lowered)
         record.update(
             kernel_bytes=sum(k["estimate_bytes_accessed"] for k in kernels),
             kernel_flops=sum(k["estimate_flops"] for k in kernels),
@@ -85,7 +85,7 @@ def measure(
             try:
                 compiled = lowered.compile()
             except Exception as error:  # noqa: BLE001 - the compiler's refusal is the finding
-                record.update(accepted=False, error=_short(error))
+                record.update(accepted=False, error=short_error(error))
             else:
                 record.update(accepted=True, temp_bytes=compiled.memory_analysis().temp_size_in_bytes)
     return record

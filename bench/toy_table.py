@@ -220,7 +220,7 @@ def expected_seconds(cfg: TrainConfig, runs: int, jobs: int = 1) -> float:
 _STOP = None  # in a --jobs worker: the table's stop event (set on SIGTERM / Ctrl-C)
 
 
-def _train_one(run_cfg: TrainConfig, model: str) -> dict | None:
+def _train_one(run_cfg: TrainConfig) -> dict | None:
     """Trains one cell; its record, or None when SIGTERM / Ctrl-C stopped it (saved, resumable) or the
     table was stopped before it began."""
     if _STOP is not None and _STOP.is_set():
@@ -229,7 +229,7 @@ def _train_one(run_cfg: TrainConfig, model: str) -> dict | None:
     result = train(run_cfg)
     if result.preempted:
         return None
-    return run_record(run_cfg, result, model, time.perf_counter() - start)
+    return run_record(run_cfg, result, _model_name(run_cfg), time.perf_counter() - start)
 
 
 def _model_name(run_cfg: TrainConfig) -> str:
@@ -253,7 +253,7 @@ def train_cells(cells: list[TrainConfig], jobs: int):
     the workers (Ctrl-C reaches them from the terminal)."""
     if jobs == 1:
         for run_cfg in cells:
-            record = _train_one(run_cfg, _model_name(run_cfg))
+            record = _train_one(run_cfg)
             yield run_cfg, record
             if record is None:
                 return
@@ -272,7 +272,7 @@ def train_cells(cells: list[TrainConfig], jobs: int):
         with futures.ProcessPoolExecutor(
             jobs, mp_context=context, initializer=_worker_init, initargs=(stopping,)
         ) as pool:
-            pending = {pool.submit(_train_one, c, _model_name(c)): c for c in cells}
+            pending = {pool.submit(_train_one, c): c for c in cells}
             while pending:
                 done, _ = futures.wait(pending, timeout=1.0, return_when=futures.FIRST_COMPLETED)
                 if stopping.is_set():

@@ -128,7 +128,7 @@ def test_pallas_path_on_a_named_tpu_target_lowers_its_mosaic_kernels():
     under a compile-only TPU's mesh the pallas path must still lower the TPU kernels, not the host's
     interpreted ones (which compile for the TPU too, but cost and measure nothing of the kernels)."""
     from bench.attention import layer_config
-    from bench.compile_check import _tpu_kernels
+    from bench.compile_check import tpu_kernels
     from mta_jax.attention import multi_token_attention
     from mta_jax.params import init_mta_params
 
@@ -144,7 +144,7 @@ def test_pallas_path_on_a_named_tpu_target_lowers_its_mosaic_kernels():
 
     with aot.target_mesh(device):
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q, params).lower()
-    names = {k["name"] for k in _tpu_kernels(lowered)}
+    names = {k["name"] for k in tpu_kernels(lowered)}
     assert {"mta_core_fwd_post_conv", "mta_core_dq_post_conv", "mta_core_dkv_post_conv"} <= names, names
-    for kernel in _tpu_kernels(lowered):  # the pipeline-counted bytes: at least the operands once
+    for kernel in tpu_kernels(lowered):  # the pipeline-counted bytes: at least the operands once
         assert kernel["estimate_bytes_accessed"] > 0 and kernel["estimate_flops"] > 0, kernel

@@ -233,4 +233,4 @@ def test_a_run_queued_after_a_stop_does_not_start(tmp_path, monkeypatch):
     monkeypatch.setattr(toy_table, "_STOP", stop)
     monkeypatch.setattr(toy_table, "train", lambda cfg: pytest.fail("a stopped table trained a run"))
     cfg = run_config(load_train_config(ROOT / "configs/train/toy_table.yaml"), "MTA", "all", 0, tmp_path)
-    assert toy_table._train_one(cfg, "MTA") is None
+    assert toy_table._train_one(cfg) is None
