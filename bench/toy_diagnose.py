@@ -5,13 +5,17 @@
 A model that finds the target block from ONE query letter (what ordinary attention does) is right when that
 letter is in no other block and guesses among the blocks holding it otherwise: about 25% sequence error
 for N = 3 in 32 tokens (6 blocks). MTA's key-query convolution lets it use both letters at once. The report
-splits the held-out error by which query letters also occur in another block, and prints the learned
-pre-softmax kernels (identity at initialisation: 1 at the current query and key).
+splits the held-out error by which query letters also occur in another block, and by whether a decoy
+exists: the query letters within one key-conv window (c_k consecutive tokens), not all of them from the
+target block, e.g. "..xya.bzw.." for the query "ab" with c_k = 5, which a window across the "." sees as a
+two-letter match; then it prints the learned pre-softmax kernels (identity at initialisation: 1 at the
+current query and key).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -66,10 +70,32 @@ def main(argv=None) -> dict:
             if m.any():
                 report["by_shared"][name] = (int(m.sum()), float(wrong[m].mean()))
                 print(f"  {name}: {m.sum():4d} samples, error {100 * wrong[m].mean():.1f}%")
+    width = cfg.model.mta.pre_conv[1] if cfg.model.mta and cfg.model.mta.pre_conv else 1
+    decoys = np.asarray([has_decoy(*task.blocks(cfg.seed, i), width) for i in indices])
+    report["by_decoy"] = {}
+    for flag in (False, True):
+        m = decoys == flag
+        name = f"{'a' if flag else 'no'} decoy within {width} tokens"
+        if m.any():
+            report["by_decoy"][name] = (int(m.sum()), float(wrong[m].mean()))
+            print(f"  {name}: {m.sum():4d} samples, error {100 * wrong[m].mean():.1f}%")
     _, params = load_params(args.run_dir, step=args.step)
     for layer, p in enumerate(_pre_conv(params)):
         print(f"layer {layer} pre_conv [head, c_q, c_k]:\n{np.round(np.asarray(p), 2)}")
     return report
+
+
+def has_decoy(letters: np.ndarray, target: int, query: np.ndarray, width: int) -> bool:
+    """Whether one occurrence of each query letter, not all of them in the target block, lie within
+    `width` consecutive tokens of the blocks' text ("abc.def...", N + 1 tokens per block)."""
+    n = letters.shape[1]
+    occurrences = [np.argwhere(letters == q) for q in query]  # rows (block, slot) for each query letter
+    for choice in itertools.product(*occurrences):
+        blocks = [int(b) for b, _ in choice]
+        pos = [b * (n + 1) + s for b, s in choice]
+        if any(b != target for b in blocks) and max(pos) - min(pos) < width:
+            return True
+    return False
 
 
 def _pre_conv(params) -> list:
