@@ -2,20 +2,21 @@
 steps each seed needs to solve the task.
 
     python bench/toy_table.py [--config configs/train/toy_table.yaml] [--answers all first last]
-        [--seeds 0 1 2 3 4] [--steps N] [--jobs N] [--out bench/results] [--runs-dir runs/toy_table]
-        [key=value ...]
+        [--seeds 0 1 2 3 4] [--steps N] [--answer-steps all=6000] [--jobs N] [--out bench/results]
+        [--runs-dir runs/toy_table] [key=value ...]
 
 For every answer variant, seed and model (the config's MTA model, and `model.baseline()`: the same model
 with no MTA part), trains with the project's training loop (train/loop.py). With the config's
 stop_at_eval_error (e.g. 0.01) a run stops at the first evaluation (every eval_every steps) whose held-out
 teacher-forced sequence error is at or below it: that step is the run's steps to solve; a run that never
-gets there trains the whole budget ("not within N steps"). Writes <out>/toy_table.json (every run: steps to
-solve, the error where it stopped, its eval-error curve read from the run's metrics.jsonl, wall time),
-<out>/toy_table.md (steps to solve per seed, and the error mean +- std over seeds in percent beside the
-paper's Table 1) and <out>/toy_table.png (the eval-error curves: both models, every seed, one panel per
-answer variant), and prints the table. Before training it prints the expected time. JSON is rewritten
-after every run, so an interrupted table keeps what it measured; runs already in the JSON for the same
-setting are not repeated. MTA runs go first, so a table stopped early has the model under test.
+gets there trains the whole budget ("not within N steps"): the config's steps (or --steps), or for the
+answer variants named in --answer-steps their own (both models alike). Writes <out>/toy_table.json (every
+run: steps to solve, the error where it stopped, its eval-error curve read from the run's metrics.jsonl,
+wall time), <out>/toy_table.md (steps to solve per seed, and the error mean +- std over seeds in percent
+beside the paper's Table 1) and <out>/toy_table.png (the eval-error curves: both models, every seed, one
+panel per answer variant), and prints the table. Before training it prints the expected time. JSON is
+rewritten after every run, so an interrupted table keeps what it measured; runs already in the JSON for the
+same setting are not repeated. MTA runs go first, so a table stopped early has the model under test.
 
 --jobs N trains N runs at once, each in its own process with a single-threaded XLA CPU backend (on the
 2-core CPU, --jobs 2 does about 1.3x the steps a second of one multi-threaded run). SIGTERM or Ctrl-C
@@ -48,6 +49,7 @@ from train import flops as flops_lib  # noqa: E402
 from train.config import TrainConfig, load_train_config, to_dict  # noqa: E402
 from train.files import write_text_atomic  # noqa: E402
 from train.loop import train  # noqa: E402
+from train.toy import ANSWERS  # noqa: E402
 
 # Table 1 of the paper (spec section 6): error %, mean +- std over 3 seeds, N = 5, 100k steps.
 PAPER = {
@@ -68,11 +70,15 @@ SECONDS_PER_STEP_FLOPS = 1.68e9
 PARALLEL_SPEEDUP = 1.3
 
 
-def run_config(cfg: TrainConfig, model: str, answer: str, seed: int, runs_dir: Path) -> TrainConfig:
-    """cfg for one cell of the table: the baseline or MTA model, the answer variant, the seed."""
+def run_config(
+    cfg: TrainConfig, model: str, answer: str, seed: int, runs_dir: Path, steps: int | None = None
+) -> TrainConfig:
+    """cfg for one cell of the table: the baseline or MTA model, the answer variant, the seed, and the
+    budget (steps; default: the config's)."""
     model_cfg = cfg.model.baseline() if model == "Transformer" else cfg.model
     return dataclasses.replace(
         cfg,
+        steps=steps or cfg.steps,
         model=model_cfg,
         data=dataclasses.replace(cfg.data, toy_answer=answer),
         seed=seed,
@@ -107,6 +113,39 @@ def steps_to_solve(curve: list[list[float]], target: float) -> int | None:
     return next((int(step) for step, error in curve if error <= target), None)
 
 
+def budget(setting: dict, answer: str) -> int:
+    """The steps a run of this answer variant may train: its --answer-steps, else the config's."""
+    return setting.get("answer_steps", {}).get(answer, setting["steps"])
+
+
+def parse_answer_steps(items: list[str]) -> dict[str, int]:
+    """["all=6000", ...] -> {"all": 6000, ...}; a clear error for anything else."""
+    steps = {}
+    for item in items:
+        answer, _, value = item.partition("=")
+        if answer not in ANSWERS or not value.isdigit() or int(value) < 1:
+            raise ValueError(
+                f"--answer-steps {item!r} is invalid: expected ANSWER=STEPS with ANSWER one of {ANSWERS} "
+                "and STEPS a positive integer, e.g. all=6000"
+            )
+        steps[answer] = int(value)
+    return steps
+
+
+def budgets_text(setting: dict, answers: list[str]) -> str:
+    """ "4000" when every variant has the same budget, else e.g. "6000 ("all") / 4000 ("first", "last")"."""
+    by_steps: dict[int, list[str]] = {}
+    for answer in answers:
+        by_steps.setdefault(budget(setting, answer), []).append(answer)
+    if len(by_steps) == 1:
+        return str(next(iter(by_steps)))
+    parts = []
+    for steps, names in by_steps.items():
+        quoted = ", ".join(f'"{name}"' for name in names)
+        parts.append(f"{steps} ({quoted})")
+    return " / ".join(parts)
+
+
 def solve_cell(runs: list[dict], budget: int) -> str:
     """'k/n solved: s0, s1, ...' with each seed's steps to solve, or '>budget' for a seed that did not."""
     runs = sorted(runs, key=lambda r: r["seed"])
@@ -122,13 +161,13 @@ def render(report: dict) -> str:
     Table 1."""
     answers = report["answers"]
     setting = report["setting"]
-    target, budget = setting.get("target"), setting["steps"]
+    target = setting.get("target")
     lines = []
     if target is not None:
         lines += [
             f"Steps to reach {100 * target:g}% sequence error (evaluated every {setting['eval_every']} "
             "steps; "
-            f"seeds solved / run, then each seed's steps in seed order, >{budget}: not within the budget):",
+            "seeds solved / run, then each seed's steps in seed order, >N: not within the budget of N):",
             "",
             "| Model | " + " | ".join(answers) + " |",
             "|" + "---|" * (1 + len(answers)),
@@ -137,7 +176,7 @@ def render(report: dict) -> str:
             row = []
             for answer in answers:
                 runs = [r for r in report["runs"] if r["model"] == model and r["answer"] == answer]
-                row.append(solve_cell(runs, budget) if runs else "-")
+                row.append(solve_cell(runs, budget(setting, answer)) if runs else "-")
             lines.append(f"| {model} | " + " | ".join(row) + " |")
         lines += ["", "Sequence error (%) where each run stopped (solved, or at the budget):", ""]
     header = "| Model | " + " | ".join(f"{a} (ours)" for a in answers) + " | "
@@ -157,7 +196,7 @@ def render(report: dict) -> str:
         "",
         f"Ours: teacher-forced sequence error (%) on {setting['eval_samples']} held-out samples, mean ± std "
         f"over seeds {seeds}; N = {setting['block_size']}, L = {setting['query_len']}, "
-        f"{setting['seq_len']} tokens, at most {setting['steps']} steps of {setting['batch']} "
+        f"{setting['seq_len']} tokens, at most {budgets_text(setting, answers)} steps of {setting['batch']} "
         f"(`{report['command']}`, {report['device']}). Paper: Table 1, N = 5, 100k steps.",
     ]
     return "\n".join(lines) + "\n"
@@ -308,6 +347,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--steps", type=int, help="override the config's steps")
+    parser.add_argument(
+        "--answer-steps",
+        nargs="+",
+        default=[],
+        metavar="ANSWER=STEPS",
+        help="the budget of these answer variants (both models), e.g. all=6000; the others keep the steps",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at once, one process each")
     parser.add_argument(
         "overrides", nargs="*", help="config overrides as for python -m train, e.g. global_batch_size=64"
@@ -319,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps else [])
     cfg = load_train_config(args.config, overrides)
+    answer_steps = parse_answer_steps(args.answer_steps)
     if cfg.data.kind != "toy" or cfg.model.mta is None:
         raise ValueError(f"config={args.config!r} is invalid: needs data.kind toy and a model with MTA")
     setting = {
@@ -332,6 +379,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": cfg.global_batch_size,
         "eval_samples": cfg.eval_batches * cfg.global_batch_size,
     }
+    if answer_steps:
+        setting["answer_steps"] = answer_steps
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = out / "toy_table.json", out / "toy_table.md", out / "toy_table.png"
@@ -356,14 +405,18 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     if args.jobs < 1:
         raise ValueError(f"jobs={args.jobs} is invalid: needs at least 1")
-    bound = expected_seconds(cfg, len(todo), args.jobs)
+    cells = [
+        run_config(cfg, model, answer, seed, Path(args.runs_dir), budget(setting, answer))
+        for answer, seed, model in todo
+    ]
+    bound = sum(expected_seconds(c, 1, args.jobs) for c in cells)
     print(
-        f"{len(todo)} run(s) to train, at most {cfg.steps} steps each, {args.jobs} at a time: at most "
+        f"{len(todo)} run(s) to train, at most {budgets_text(setting, args.answers)} steps each, "
+        f"{args.jobs} at a time: at most "
         f"{bound / 60:.0f} minutes on an idle 2-core CPU (runs that reach the target stop earlier; a busy "
         "CPU is slower)",
         flush=True,
     )
-    cells = [run_config(cfg, model, answer, seed, Path(args.runs_dir)) for answer, seed, model in todo]
     for run_cfg, record in train_cells(cells, args.jobs):
         if record is None:  # SIGTERM or Ctrl-C: not a finished run; it resumes from its checkpoint
             name, answer = _model_name(run_cfg), run_cfg.data.toy_answer

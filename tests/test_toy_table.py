@@ -7,10 +7,12 @@ import json
 import pytest
 
 from bench.toy_table import (
+    budgets_text,
     cell,
     eval_curve,
     expected_seconds,
     main,
+    parse_answer_steps,
     plot,
     render,
     run_config,
@@ -166,6 +168,8 @@ def test_run_config_swaps_the_model_answer_and_seed(tmp_path):
     assert base.model.mta is None and base.model.dim == cfg.model.dim
     assert base.data.toy_answer == "last" and base.seed == 2 and base.run_dir.startswith(str(tmp_path))
     assert run_config(cfg, "MTA", "all", 0, tmp_path).model == cfg.model
+    assert run_config(cfg, "MTA", "all", 0, tmp_path).steps == cfg.steps
+    assert run_config(cfg, "MTA", "all", 0, tmp_path, steps=17).steps == 17
 
 
 def test_the_script_writes_json_and_markdown_and_keeps_finished_runs(tmp_path, capsys):
@@ -234,3 +238,40 @@ def test_a_run_queued_after_a_stop_does_not_start(tmp_path, monkeypatch):
     monkeypatch.setattr(toy_table, "train", lambda cfg: pytest.fail("a stopped table trained a run"))
     cfg = run_config(load_train_config(ROOT / "configs/train/toy_table.yaml"), "MTA", "all", 0, tmp_path)
     assert toy_table._train_one(cfg) is None
+
+
+def test_answer_steps_are_parsed_and_bad_ones_named():
+    assert parse_answer_steps(["all=6000", "last=10"]) == {"all": 6000, "last": 10}
+    assert parse_answer_steps([]) == {}
+    for bad in ("all", "every=10", "all=0", "all=-5", "all=1e3", "=6000"):
+        with pytest.raises(ValueError, match=f"--answer-steps '{bad}' is invalid"):
+            parse_answer_steps([bad])
+
+
+def test_render_gives_each_answer_variant_its_own_budget():
+    report = dict(SOLVE_REPORT, setting=dict(SOLVE_REPORT["setting"], answer_steps={"all": 6000}))
+    table = render(report)
+    assert "| MTA | 2/3: 750, 500, >6000 | 1/1: 250 |" in table
+    assert "| Transformer | 0/1: >6000 | - |" in table
+    assert 'at most 6000 ("all") / 4000 ("first") steps of 32' in table
+    assert budgets_text(SOLVE_REPORT["setting"], ["all", "first"]) == "4000"
+
+
+def test_the_script_trains_each_answer_variant_for_its_budget(tmp_path, monkeypatch, capsys):
+    import bench.toy_table as toy_table
+    from train.loop import RunResult
+
+    budgets = {}
+
+    def fake_train(cfg):
+        budgets[cfg.data.toy_answer] = cfg.steps
+        metrics = {"sequence_error": 0.5}
+        return RunResult(step=cfg.steps, losses={}, eval_loss=0.5, preempted=False, eval_metrics=metrics)
+
+    monkeypatch.setattr(toy_table, "train", fake_train)
+    args = ["--steps", "7", "--answer-steps", "all=9", "--seeds", "0", "--models", "MTA"]
+    report = main(args + ["--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")])
+    assert budgets == {"all": 9, "first": 7, "last": 7}
+    assert report["setting"]["steps"] == 7 and report["setting"]["answer_steps"] == {"all": 9}
+    assert {r["answer"]: r["final_step"] for r in report["runs"]} == {"all": 9, "first": 7, "last": 7}
+    assert 'at most 9 ("all") / 7 ("first", "last") steps each' in capsys.readouterr().out
