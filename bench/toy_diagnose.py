@@ -55,34 +55,34 @@ def main(argv=None) -> dict:
     print(f"{args.run_dir} step {args.step or 'latest'}: sequence error {100 * wrong.mean():.1f}%")
     per_token = " ".join(f"{100 * e:.1f}%" for e in answer_wrong.mean(0))
     print("error per answer token (the last is EOS):", per_token)
+    draws = [task.blocks(cfg.seed, i) for i in indices]  # (letters, target, query) of each sample
     shared = []  # for each sample: does query letter j (in query order) also occur in another block?
-    for i in indices:
-        letters, target, query = task.blocks(cfg.seed, i)
+    for letters, target, query in draws:
         others = np.delete(letters, target, axis=0)
         shared.append(tuple(bool(np.isin(q, others).any()) for q in query))
     shared = np.asarray(shared)
-    report = {"sequence_error": float(wrong.mean()), "by_shared": {}}
+    report = {"sequence_error": float(wrong.mean()), "by_shared": {}, "by_decoy": {}}
     for first in (False, True):
         for last in (False, True):
             m = (shared[:, 0] == first) & (shared[:, -1] == last)
             kinds = ("shared" if first else "unique", "shared" if last else "unique")
-            name = "first query letter {}, last {}".format(*kinds)
-            if m.any():
-                report["by_shared"][name] = (int(m.sum()), float(wrong[m].mean()))
-                print(f"  {name}: {m.sum():4d} samples, error {100 * wrong[m].mean():.1f}%")
+            _split(report["by_shared"], "first query letter {}, last {}".format(*kinds), m, wrong)
     width = cfg.model.mta.pre_conv[1] if cfg.model.mta and cfg.model.mta.pre_conv else 1
-    decoys = np.asarray([has_decoy(*task.blocks(cfg.seed, i), width) for i in indices])
-    report["by_decoy"] = {}
+    decoys = np.asarray([has_decoy(*draw, width) for draw in draws])
     for flag in (False, True):
-        m = decoys == flag
         name = f"{'a' if flag else 'no'} decoy within {width} tokens"
-        if m.any():
-            report["by_decoy"][name] = (int(m.sum()), float(wrong[m].mean()))
-            print(f"  {name}: {m.sum():4d} samples, error {100 * wrong[m].mean():.1f}%")
+        _split(report["by_decoy"], name, decoys == flag, wrong)
     _, params = load_params(args.run_dir, step=args.step)
     for layer, p in enumerate(_pre_conv(params)):
         print(f"layer {layer} pre_conv [head, c_q, c_k]:\n{np.round(np.asarray(p), 2)}")
     return report
+
+
+def _split(section: dict, name: str, mask: np.ndarray, wrong: np.ndarray) -> None:
+    """Records and prints (samples, sequence error) of the samples in mask, if there are any."""
+    if mask.any():
+        section[name] = (int(mask.sum()), float(wrong[mask].mean()))
+        print(f"  {name}: {mask.sum():4d} samples, error {100 * wrong[mask].mean():.1f}%")
 
 
 def has_decoy(letters: np.ndarray, target: int, query: np.ndarray, width: int) -> bool:
