@@ -50,6 +50,7 @@ from bench.train_step import device_slug  # noqa: E402
 from mta_jax.attention import multi_token_attention  # noqa: E402
 from mta_jax.config import IMPLEMENTATIONS, MTAConfig  # noqa: E402
 from mta_jax.params import MTAParams, init_mta_params  # noqa: E402
+from train.errors import short_error  # noqa: E402
 from train.files import write_text_atomic  # noqa: E402
 
 PATHS = ("reference", "blockwise", "pallas", "dot_product_attention")
@@ -280,7 +281,7 @@ def compile_with_fallback(point: Point, cfg: MTAConfig, inputs: tuple, record: d
         except Exception as error:  # noqa: BLE001 - cuDNN refusing the shapes: fall back to XLA
             if is_oom(error) or index == len(choices) - 1:
                 raise
-            record["dpa_fallback_reason"] = _short(error)
+            record["dpa_fallback_reason"] = short_error(error, 300)
             continue
         if point.path == DPA:
             record["dpa_implementation"] = choice or "xla"
@@ -305,18 +306,13 @@ def measure(point: Point, args: argparse.Namespace, cfg: MTAConfig, timed: bool)
             times = time_compiled(compiled, inputs, args.warmup, args.iters, args.point_seconds)
             record.update(timed=True, times_s=times, median_s=statistics.median(times), min_s=min(times))
     except ValueError as error:  # multi_token_attention: an option this path does not support
-        record.update(status="oom" if is_oom(error) else "skipped", reason=_short(error))
+        record.update(status="oom" if is_oom(error) else "skipped", reason=short_error(error, 300))
     except Exception as error:  # noqa: BLE001 - XLA's resource exhausted, or a failure of the path
-        record.update(status="oom" if is_oom(error) else "error", reason=_short(error))
+        record.update(status="oom" if is_oom(error) else "error", reason=short_error(error, 300))
     finally:
         del inputs
         gc.collect()
     return record
-
-
-def _short(error: BaseException, limit: int = 300) -> str:
-    text = f"{type(error).__name__}: {error}".strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def lengths(args: argparse.Namespace) -> list[tuple[int, bool]]:

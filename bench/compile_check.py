@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import itertools
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from kernels.chips import CHIPS, get_chip  # noqa: E402
 from kernels.ops import default_block_sizes, unsupported_option  # noqa: E402
 from mta_jax.attention import multi_token_attention  # noqa: E402
 from mta_jax.params import init_mta_params  # noqa: E402
+from train.errors import short_error  # noqa: E402
 from train.files import write_text_atomic  # noqa: E402
 
 LAYERS = ("kq_conv", "kq_conv_mix4", "head_mix", "mix_all", "kq_conv_mix_all", "full")
@@ -258,12 +258,6 @@ def check_point(chip, device, point: Point) -> dict:
     if point.path == "pallas":
         record.update(tiles=tiles, kernels=kernels)
     return record
-
-
-def short_error(error: BaseException, limit: int = 400) -> str:
-    text = f"{type(error).__name__}: {error}".strip()
-    text = re.sub(r"\s+", " ", text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -26,11 +26,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench.attention import layer_config  # noqa: E402
-from bench.compile_check import LAYERS, abstract_inputs, short_error, tpu_kernels  # noqa: E402
+from bench.compile_check import LAYERS, abstract_inputs, tpu_kernels  # noqa: E402
 from kernels import aot  # noqa: E402
 from kernels.chips import get_chip  # noqa: E402
 from kernels.ops import default_block_sizes, pallas_attention_core  # noqa: E402
 from kernels.tpu_tiles import TpuBlockSizes, TpuTiles  # noqa: E402
+from train.errors import short_error  # noqa: E402
 from train.files import write_text_atomic  # noqa: E402
 
 

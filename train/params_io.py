@@ -28,6 +28,7 @@ from flax import nnx
 
 from mta_jax.config import ModelConfig, model_config_from_dict
 from mta_jax.model import MTATransformer
+from train.errors import short_error
 from train.files import write_text_atomic
 
 PyTree = Any
@@ -181,13 +182,6 @@ def _restore_newest_readable(checkpoints: Path, steps: list[int], cfg: ModelConf
     raise ValueError(f"no checkpoint in {checkpoints} could be read: {'; '.join(failures)}")
 
 
-def _short(error: Exception, limit: int = 160) -> str:
-    """The error's type and the first line of its message, cut to `limit` characters."""
-    lines = str(error).strip().splitlines()
-    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _restore(directory: Path, cfg: ModelConfig, key: str | None = None) -> PyTree:
     """The params subtree of the Orbax pytree in `directory` (only `key` of it when given). Raises
     UnreadableCheckpointError for files Orbax cannot read, ValueError for parameters that do not fit cfg."""
@@ -196,7 +190,8 @@ def _restore(directory: Path, cfg: ModelConfig, key: str | None = None) -> PyTre
         with _quiet_item_metadata():
             metadata = ocp.PyTreeCheckpointer().metadata(directory)
     except Exception as error:  # corrupt, truncated or missing files all surface differently
-        raise UnreadableCheckpointError(f"its parameters cannot be read ({_short(error)})") from None
+        reason = short_error(error, 160, first_line=True)
+        raise UnreadableCheckpointError(f"its parameters cannot be read ({reason})") from None
     if hasattr(metadata, "item_metadata"):
         metadata = metadata.item_metadata
     if metadata is None:
@@ -217,7 +212,8 @@ def _restore(directory: Path, cfg: ModelConfig, key: str | None = None) -> PyTre
                 args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
             )
     except Exception as error:  # corrupt, truncated or missing files all surface differently
-        raise UnreadableCheckpointError(f"its parameters cannot be read ({_short(error)})") from None
+        reason = short_error(error, 160, first_line=True)
+        raise UnreadableCheckpointError(f"its parameters cannot be read ({reason})") from None
     return restored[key] if key is not None else restored
 
 
