@@ -61,7 +61,13 @@ def main(argv=None) -> dict:
         others = np.delete(letters, target, axis=0)
         shared.append(tuple(bool(np.isin(q, others).any()) for q in query))
     shared = np.asarray(shared)
-    report = {"sequence_error": float(wrong.mean()), "by_shared": {}, "by_decoy": {}}
+    report = {
+        "sequence_error": float(wrong.mean()),
+        "token_error": float(answer_wrong.mean()),  # over every answer token and EOS
+        "error_per_token": answer_wrong.mean(0).tolist(),
+        "by_shared": {},
+        "by_decoy": {},
+    }
     for first in (False, True):
         for last in (False, True):
             m = (shared[:, 0] == first) & (shared[:, -1] == last)
