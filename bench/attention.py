@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import datetime
 import gc
+import itertools
 import json
 import math
 import shlex
@@ -315,11 +316,13 @@ def measure(point: Point, args: argparse.Namespace, cfg: MTAConfig, timed: bool)
     return record
 
 
-def lengths(args: argparse.Namespace) -> list[tuple[int, bool]]:
-    """(T, timed) for T = min_len, 2 min_len, ... up to max(max_len, memory_max_len)."""
-    out, seq = [], args.min_len
-    while seq <= max(args.max_len, args.memory_max_len):
-        out.append((seq, seq <= args.max_len))
+def lengths(args: argparse.Namespace | dict) -> list[tuple[int, bool]]:
+    """(T, timed) for T = min_len, 2 min_len, ... up to max(max_len, memory_max_len) (of the parsed
+    arguments or a report's settings)."""
+    get = args.get if isinstance(args, dict) else lambda name: getattr(args, name)
+    out, seq = [], get("min_len")
+    while seq <= max(get("max_len"), get("memory_max_len")):
+        out.append((seq, seq <= get("max_len")))
         seq *= 2
     return out
 
@@ -661,8 +664,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--append",
         action="store_true",
-        help="keep the records of the existing JSON for this device whose (config, path, D) this run does "
-        "not measure (e.g. a sweep split into several shorter runs)",
+        help="keep the records of the existing JSON for this device whose (config, path, D, T) this run "
+        "does not measure (e.g. a sweep split into several shorter runs)",
     )
     parser.add_argument(
         "--readme",
@@ -714,8 +717,9 @@ COMPARABLE = ("dtype", "heads", "kv_heads", "batch", "causal")
 
 
 def appended_to(report: dict, json_path: Path) -> list[dict]:
-    """With --append: the records of the existing json_path that this run does not replace; merges its
-    settings and runs into report. Raises SystemExit if its settings are not comparable."""
+    """With --append: the records of the existing json_path that this run does not replace (another
+    config, path, D or T); merges its settings and runs into report. Raises SystemExit if its settings
+    are not comparable."""
     if not json_path.is_file():
         report["runs"] = [{"command": report["command"], "timestamp_utc": report["timestamp_utc"]}]
         return []
@@ -724,8 +728,11 @@ def appended_to(report: dict, json_path: Path) -> list[dict]:
     if any(old.get(name) != new[name] for name in COMPARABLE):
         diff = {name: (old.get(name), new[name]) for name in COMPARABLE if old.get(name) != new[name]}
         raise SystemExit(f"--append: {json_path} was measured with other settings (old, new): {diff}")
-    measured = {(c, p, d) for c in new["configs"] for p in new["paths"] for d in new["head_dims"]}
-    kept = [r for r in previous["records"] if (r["config"], r["path"], r["head_dim"]) not in measured]
+    seqs = [seq for seq, _ in lengths(new)]
+    measured = set(itertools.product(new["configs"], new["paths"], new["head_dims"], seqs))
+    kept = [
+        r for r in previous["records"] if (r["config"], r["path"], r["head_dim"], r["seq"]) not in measured
+    ]
     for name, order in (("paths", PATHS), ("configs", CONFIGS), ("head_dims", None)):
         values = set(old[name]) | set(new[name])
         new[name] = sorted(values, key=order.index) if order else sorted(values)

@@ -195,3 +195,38 @@ def test_timing_stops_at_the_budget():
     calls.clear()
     assert len(time_compiled(slow, (), warmup=2, iters=5, budget_s=1e-12)) == 1  # a long warm-up counts
     assert len(calls) == 1
+
+
+def test_append_keeps_the_shorter_lengths_of_the_same_path(tmp_path):
+    """bench/gpu_check.sh measures kq_conv at T = 1024..4096, then its memory-linear paths on to 32768:
+    the second run must replace only the lengths it measures."""
+    settings = {"dtype": "bfloat16", "heads": 16, "kv_heads": 16, "batch": 1, "causal": True}
+    pairs = [_record(path, seq, seq) for path in ("blockwise", "reference") for seq in (1024, 4096)]
+    short = [{**a, **b} for a, b in pairs]
+    previous = {
+        "command": "first",
+        "timestamp_utc": "t0",
+        "records": short + [{**a, **b} for a, b in [_record("blockwise", 8192, 1)]],
+        "settings": {
+            **settings,
+            "configs": ["kq_conv"],
+            "paths": ["blockwise", "reference"],
+            "head_dims": [128],
+            "layer_configs": {},
+        },
+    }
+    (tmp_path / "a.json").write_text(json.dumps(previous))
+    new = {
+        **settings,
+        "configs": ["kq_conv"],
+        "paths": ["blockwise"],
+        "head_dims": [128],
+        "min_len": 8192,
+        "max_len": 32768,
+        "memory_max_len": 32768,
+        "layer_configs": {},
+    }
+    report = {"command": "second", "timestamp_utc": "t1", "settings": new}
+    kept = appended_to(report, tmp_path / "a.json")
+    assert kept == short  # the blockwise 8192 record is measured again; 1024 and 4096 stay
+    assert [r["command"] for r in report["runs"]] == ["first", "second"]
