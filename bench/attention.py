@@ -316,13 +316,11 @@ def measure(point: Point, args: argparse.Namespace, cfg: MTAConfig, timed: bool)
     return record
 
 
-def lengths(args: argparse.Namespace | dict) -> list[tuple[int, bool]]:
-    """(T, timed) for T = min_len, 2 min_len, ... up to max(max_len, memory_max_len) (of the parsed
-    arguments or a report's settings)."""
-    get = args.get if isinstance(args, dict) else lambda name: getattr(args, name)
-    out, seq = [], get("min_len")
-    while seq <= max(get("max_len"), get("memory_max_len")):
-        out.append((seq, seq <= get("max_len")))
+def lengths(args: argparse.Namespace) -> list[tuple[int, bool]]:
+    """(T, timed) for T = min_len, 2 min_len, ... up to max(max_len, memory_max_len)."""
+    out, seq = [], args.min_len
+    while seq <= max(args.max_len, args.memory_max_len):
+        out.append((seq, seq <= args.max_len))
         seq *= 2
     return out
 
@@ -728,7 +726,7 @@ def appended_to(report: dict, json_path: Path) -> list[dict]:
     if any(old.get(name) != new[name] for name in COMPARABLE):
         diff = {name: (old.get(name), new[name]) for name in COMPARABLE if old.get(name) != new[name]}
         raise SystemExit(f"--append: {json_path} was measured with other settings (old, new): {diff}")
-    seqs = [seq for seq, _ in lengths(new)]
+    seqs = [seq for seq, _ in lengths(argparse.Namespace(**new))]
     measured = set(itertools.product(new["configs"], new["paths"], new["head_dims"], seqs))
     kept = [
         r for r in previous["records"] if (r["config"], r["path"], r["head_dim"], r["seq"]) not in measured
