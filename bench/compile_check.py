@@ -216,7 +216,7 @@ def check_point(chip, device, point: Point) -> dict:
     """Compile one point for `chip`; the record (never raises for a compiler's refusal)."""
     cfg = layer_config(point.layer, HEADS)
     record = {**dataclasses.asdict(point), "accepted": None, "error": None}
-    missing = unsupported_option(cfg, head_dim=point.head_dim, platform=chip.platform)
+    missing = unsupported_option(cfg, dtype=DTYPE, head_dim=point.head_dim, platform=chip.platform, chip=chip)
     if point.path == "pallas" and missing:
         return {**record, "accepted": None, "skipped": f"the fused kernels do not support {missing}"}
     if point.path == "reference" and point.seq > REFERENCE_MAX_LEN:

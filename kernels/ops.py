@@ -10,8 +10,9 @@ heads on TPU, whose VMEM holds every head's tile; up to 4 on GPU, where more do 
 SM's registers), the post-softmax conv on TPU (tpu_post_conv.py; interpreted on CPU, the TPU kernels
 run for it), attention dropout in training (mta_jax/dropout.py's mask, drawn in-kernel), causal
 or not, packed documents (segment ids), grouped-query attention, T != S, float32 and bfloat16
-(float16) inputs. Anything else (the post-softmax conv on GPU, wider head mixing, float64) is a
-ValueError naming the option; implementation="auto" then picks the blockwise path.
+(float16) inputs. Anything else (the post-softmax conv on GPU, wider head mixing, float64, a layer
+whose smallest tiles overflow the TPU's VMEM: tpu_tiles.no_fit) is a ValueError naming the option;
+implementation="auto" then picks the blockwise path.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from jax.sharding import PartitionSpec
 
 from kernels import tpu_tiles, triton_tiles
 from kernels.dspace import dspace_operands
-from kernels.platform import Target, chip_of, per_platform, traced_target
+from kernels.platform import Target, chip_of, known_chip, per_platform, traced_target
 from kernels.tpu_core import mta_core_tpu
 from kernels.triton_core import mta_core_triton
 from mta_jax.config import MTAConfig
@@ -45,11 +46,13 @@ _PAD_KV_SEGMENT = jnp.iinfo(jnp.int32).min + 1  # padded keys are seen by nobody
 
 
 def unsupported_option(
-    cfg: MTAConfig, *, dtype=None, head_dim: int | None = None, platform=None
+    cfg: MTAConfig, *, dtype=None, head_dim: int | None = None, platform=None, chip=None
 ) -> str | None:
     """Why the kernels cannot run this configuration on `platform` ("tpu", "cuda" / "gpu", "cpu";
     None: on any of them), naming the option, or None if they can. On GPU the Triton kernels also
-    need a head dim that is a multiple of 16."""
+    need a head dim that is a multiple of 16; on a TPU `chip` (kernels.chips.Chip) with head_dim given,
+    the layer's smallest tiles must fit its VMEM (tpu_tiles.no_fit: on a v4, 16-head mixing with the
+    6 x 11 conv does not)."""
     if cfg.post_conv is not None and platform in ("cuda", "gpu"):
         return f"post_conv={cfg.post_conv} on {platform} (the post-softmax conv is in the TPU kernels only)"
     largest = MAX_MIX_GROUP.get(platform, max(MAX_MIX_GROUP.values()))
@@ -65,6 +68,8 @@ def unsupported_option(
         return "float64 inputs (the kernels compute in float32 at most)"
     if platform in ("cuda", "gpu") and head_dim is not None and head_dim % 16:
         return f"head_dim={head_dim} on GPU (the Triton kernels need a multiple of 16)"
+    if chip is not None and chip.platform == "tpu" and head_dim is not None:
+        return tpu_tiles.no_fit(chip, _tpu_problem(cfg, head_dim, dtype or jnp.bfloat16))
     return None
 
 
@@ -84,7 +89,7 @@ def _pad_front(x: jax.Array, amount: int, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _problem(q, k, cfg: MTAConfig):
+def _problem(cfg: MTAConfig):
     """(G, C, width) of this layer: heads per program, slabs of the QK contraction, band width."""
     group = max([s for s in (cfg.pre_head_mix, cfg.post_head_mix) if s is not None], default=1)
     if cfg.pre_conv is None:
@@ -95,18 +100,22 @@ def _problem(q, k, cfg: MTAConfig):
     return group, c_q, width
 
 
+def _tpu_problem(cfg: MTAConfig, head_dim: int, dtype) -> tpu_tiles.Problem:
+    group, slabs, width = _problem(cfg)
+    conv_q = cfg.post_conv[0] if cfg.post_conv else 0
+    return tpu_tiles.Problem(group, slabs, head_dim, head_dim, width, jnp.dtype(dtype).itemsize, conv_q)
+
+
 def default_block_sizes(kernel: str, chip, q, k, cfg: MTAConfig):
     """The kernel's tiles for this layer on `chip` (None: the kernel's own defaults)."""
-    group, slabs, width = _problem(q, k, cfg)
-    head_dim, itemsize = q.shape[-1], jnp.dtype(q.dtype).itemsize
     if chip is None:
         return None
     if kernel == "triton":
+        group, slabs, width = _problem(cfg)
+        head_dim, itemsize = q.shape[-1], jnp.dtype(q.dtype).itemsize
         problem = triton_tiles.Problem(group, slabs, head_dim, head_dim, itemsize)
         return triton_tiles.default_block_sizes(chip, problem, width)
-    conv_q = cfg.post_conv[0] if cfg.post_conv else 0
-    problem = tpu_tiles.Problem(group, slabs, head_dim, head_dim, width, itemsize, conv_q)
-    return tpu_tiles.default_block_sizes(chip, problem)
+    return tpu_tiles.default_block_sizes(chip, _tpu_problem(cfg, q.shape[-1], q.dtype))
 
 
 def _fit_to_lengths(blocks, q_len: int, kv_len: int, smallest: int):
@@ -229,7 +238,12 @@ def _run_local(
     q, k, v, params, q_segment_ids, kv_segment_ids, seeds, *, cfg, kernel, interpret, target, **options
 ):
     """One kernel on one platform: glue, padding, tiles, kernel call."""
-    _refuse(unsupported_option(cfg, dtype=q.dtype, head_dim=q.shape[-1], platform=target.platform))
+    # The VMEM check needs the chip; with tiles given, the compiler is the judge.
+    tiles_given = options["block_sizes"] or options["block_q"] or options["block_k"]
+    vmem_chip = None if tiles_given else known_chip(target.platform, target.device_kind)
+    _refuse(
+        unsupported_option(cfg, dtype=q.dtype, head_dim=q.shape[-1], platform=target.platform, chip=vmem_chip)
+    )
     if cfg.post_conv is not None and kernel == "triton":
         _refuse(
             f"post_conv={cfg.post_conv} with the Triton kernels (the post-softmax conv is in the TPU ones)"

@@ -62,13 +62,19 @@ def local_device_kind(platform: str) -> str | None:
     return devices[0].device_kind if devices else None
 
 
-def chip_of(platform: str, device_kind: str | None = None) -> Chip | None:
-    """The chip to tune for: the named kind, else this host's device of the platform, else the
-    platform's smallest chip. None for the CPU."""
+def known_chip(platform: str, device_kind: str | None = None) -> Chip | None:
+    """The chip of the named device kind, else of this host's device of the platform; None when
+    neither names a known chip (and for the CPU)."""
     if platform == "cpu":
         return None
-    chip = chip_for_kind(device_kind) or chip_for_kind(local_device_kind(platform))
-    return chip or CHIPS[FALLBACK[platform]]
+    return chip_for_kind(device_kind) or chip_for_kind(local_device_kind(platform))
+
+
+def chip_of(platform: str, device_kind: str | None = None) -> Chip | None:
+    """The chip to tune for: known_chip, else the platform's smallest chip. None for the CPU."""
+    if platform == "cpu":
+        return None
+    return known_chip(platform, device_kind) or CHIPS[FALLBACK[platform]]
 
 
 def per_platform(args: tuple, x: jax.Array | None = None, **branches):

@@ -4,9 +4,10 @@ A TPU program keeps its blocks in VMEM, double-buffered by the pipeline (qp [G, 
 [G, C, bk, Dk], v, the band, segment ids, and per kernel its outputs: out / dq / dk / dv), its scratch
 accumulators (float32: the online-softmax state, dq [G, C, bq, Dk], dk and dv) and the live float32
 score tiles of the head group. `vmem_bytes` adds these up with Mosaic's (8, 128) padding. A kernel fits
-when twice the estimate (Mosaic's own temporaries, register spills) stays within 7/8 of the chip's
-VMEM, the vmem_limit_bytes the kernels ask for (tpu_common.vmem_limit). `default_block_sizes` takes
-the largest tiles that fit, per kernel; `python -m bench.compile_check` confirms them with libtpu.
+when the estimate stays within 7/8 of the chip's VMEM, the vmem_limit_bytes the kernels ask for
+(tpu_common.vmem_limit). `default_block_sizes` takes the largest tiles that fit, per kernel; `no_fit`
+says when even the smallest do not (auto then runs blockwise). libtpu checks the model:
+`python -m bench.compile_check --targets v4 v5e v5p v6e` compiles every layer at these defaults.
 """
 
 from __future__ import annotations
@@ -114,10 +115,11 @@ def vmem_bytes(kind: str, p: Problem, tiles: TpuTiles) -> int:
 
 
 def fits(kind: str, p: Problem, tiles: TpuTiles, chip: Chip) -> bool:
-    """Twice the estimate within 7/8 of VMEM; with the post conv, whose estimate counts the conv's live
-    tiles, the estimate itself (libtpu: dK/dV at 128 x 256 needs 130.8 MiB on a v5e, estimated 1.2x that)."""
-    margin = 1 if p.conv_q else 2
-    return margin * vmem_bytes(kind, p, tiles) <= chip.vmem_bytes * 7 // 8
+    """The estimate within 7/8 of VMEM, with no margin on top: the estimate counts LIVE_SCORE_TILES
+    float32 score tiles per head, more than Mosaic keeps. libtpu 0.0.42 accepts 16-head mixing at
+    256 x 256 on a v5p (dK/dV estimated at 1.08x the limit) and refuses dQ at 128 x 128 on a v4
+    (estimated at 1.37x). Until 2026-12-07 the margin was 2x, which halved the 16-head layers' tiles."""
+    return vmem_bytes(kind, p, tiles) <= chip.vmem_bytes * 7 // 8
 
 
 # Tiles of at most 256 x 256: a [512, 512] float32 score tile is 256 vector registers, G of them
@@ -127,14 +129,42 @@ SIZES_Q = (256, 128, 64, 32)
 SIZES_K = (256, 128)
 
 
-def default_block_sizes(chip: Chip, p: Problem) -> TpuBlockSizes:
-    """Per kernel the largest tiles that fit (most scores a program, then square, then block_k),
-    block_k at least 128 (lanes) and at least the band width."""
-    candidates = sorted(
+def _candidates(p: Problem) -> list[TpuTiles]:
+    """Most scores a program first, then square, then wider block_k; block_k at least the band width."""
+    return sorted(
         (TpuTiles(bq, bk) for bq in SIZES_Q for bk in SIZES_K if bk >= p.width),
         key=lambda t: (-t.block_q * t.block_k, abs(t.block_q - t.block_k), -t.block_k),
     )
+
+
+def default_block_sizes(chip: Chip, p: Problem) -> TpuBlockSizes:
+    """Per kernel the largest tiles that fit; where none does, the smallest (see no_fit)."""
+    candidates = _candidates(p)
     chosen = {}
     for kind in ("fwd", "dq", "dkv"):
         chosen[kind] = next((t for t in candidates if fits(kind, p, t, chip)), candidates[-1])
     return TpuBlockSizes(**chosen)
+
+
+# Where the estimate stops being a default and becomes a refusal: libtpu 0.0.42 accepted every kernel
+# estimated at up to 1.08x the limit (dK/dV with 16 heads at 256 x 256 on a v5p; at the smallest tiles
+# on a v4, float32, 1.003x) and refused the smallest one estimated above it (the delta / dQ kernels of
+# 16 heads x 6 slabs at 32 x 128 on a v4, 1.14x). Between 1x and this the smallest tiles are tried.
+NO_FIT_RATIO = 1.1
+
+
+def no_fit(chip: Chip, p: Problem) -> str | None:
+    """Why the kernels cannot hold this layer on `chip` (heads per program, slabs, and the first kernel
+    whose smallest tiles' estimate exceeds NO_FIT_RATIO x the VMEM limit, with both sizes), or None."""
+    smallest = _candidates(p)[-1]
+    limit = chip.vmem_bytes * 7 // 8
+    for kind in ("fwd", "dq", "dkv"):
+        if vmem_bytes(kind, p, smallest) > NO_FIT_RATIO * limit:
+            need = vmem_bytes(kind, p, smallest)
+            return (
+                f"{p.group} heads x {p.slabs} slabs{' with the post-softmax conv' if p.conv_q else ''} on "
+                f"{chip.name} (its {kind} kernel needs "
+                f"{need / 2**20:.1f} MiB of VMEM at the smallest tiles, {smallest.block_q} x "
+                f"{smallest.block_k}; the limit is {limit / 2**20:.0f} MiB)"
+            )
+    return None

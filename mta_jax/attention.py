@@ -189,15 +189,17 @@ def choose_implementation(
     *,
     dtype=None,
     head_dim: int | None = None,
+    chip=None,
 ) -> str:
     """What implementation="auto" runs on `backend` ("tpu", "cuda" or "gpu", "cpu"; default: the
     host's), logged once per distinct choice: the fused kernels on GPU and TPU when they support the
-    configuration, else blockwise for long sequences (always on GPU and TPU), else the reference."""
+    configuration (on `chip`, a kernels.chips.Chip, when known: its VMEM), else blockwise for long
+    sequences (always on GPU and TPU), else the reference."""
     from kernels.ops import unsupported_option
 
     backend = backend or jax.default_backend()
     accelerator = backend in ("gpu", "cuda", "tpu")
-    missing = unsupported_option(cfg, dtype=dtype, head_dim=head_dim, platform=backend)
+    missing = unsupported_option(cfg, dtype=dtype, head_dim=head_dim, platform=backend, chip=chip)
     if accelerator and missing is None:
         name, why = "pallas", "the fused kernels support this configuration"
     elif q_len * kv_len >= AUTO_BLOCKWISE_MIN_SCORES or accelerator:
@@ -215,12 +217,13 @@ def choose_implementation(
 def _auto_attention_core(q, k, v, params, cfg, *, dropout_rng, **options) -> jax.Array:
     """implementation="auto" for the platform being compiled for (kernels/platform.py): decided at
     trace time when the mesh or q's sharding names the device, else staged per platform."""
-    from kernels.platform import per_platform
+    from kernels.platform import known_chip, per_platform
 
     def branch(platform: str):
         def run(q, k, v, params, target):
+            chip = known_chip(platform, target.device_kind)
             name = choose_implementation(
-                cfg, q.shape[1], k.shape[1], platform, dtype=q.dtype, head_dim=q.shape[-1]
+                cfg, q.shape[1], k.shape[1], platform, dtype=q.dtype, head_dim=q.shape[-1], chip=chip
             )
             extra = {"target": target} if name == "pallas" else {}
             return _CORES[name](q, k, v, params, cfg, dropout_rng=dropout_rng, **options, **extra)

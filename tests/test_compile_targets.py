@@ -61,6 +61,27 @@ def test_default_tiles_compile_forward_and_backward(target, layer, head_dim):
             assert spill <= (MAX_SPILL_WITH_MIXING if mixing else 0), kernel
 
 
+@pytest.mark.parametrize("target", ["v5p", "v4"])
+def test_sixteen_head_mixing_compiles_at_the_default_tiles(target):
+    """The tile chooser with no margin over its VMEM estimate, on the chips with the least VMEM: the
+    paper's mixing layer (16 heads before and after the softmax) at 256 x 256 on a v5p, 64 x 128 on a v4."""
+    chip = get_chip(target)
+    record = check_point(chip, device_or_skip(target), Point("mix_all", "pallas", 128, 1024, "fwd+bwd"))
+    assert record["accepted"], record["error"]
+    fwd = record["tiles"]["fwd"]
+    assert (fwd["block_q"], fwd["block_k"]) == {"v5p": (256, 256), "v4": (64, 128)}[target]
+
+
+def test_a_v4_leaves_the_layers_it_cannot_hold_to_blockwise():
+    """16 heads x 6 slabs do not fit a v4's 16 MiB of VMEM at any tile (libtpu refused the smallest,
+    32 x 128, before the chooser said so): the point is skipped with the reason, not compiled."""
+    record = check_point(
+        get_chip("v4"), device_or_skip("v4"), Point("kq_conv_mix_all", "pallas", 128, 1024, "fwd+bwd")
+    )
+    assert record["accepted"] is None
+    assert "16 heads x 6 slabs on v4 (its dq kernel needs" in record["skipped"]
+
+
 def _abstract(device, arrays: dict) -> dict:
     return {name: None if a is None else aot.abstract(device, a.shape, a.dtype) for name, a in arrays.items()}
 

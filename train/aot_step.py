@@ -102,16 +102,17 @@ def cost(compiled) -> dict[str, float]:
     }
 
 
-def attention_paths(model: ModelConfig, seq_len: int, platform: str) -> dict[str, list[int]]:
+def attention_paths(model: ModelConfig, seq_len: int, platform: str, chip=None) -> dict[str, list[int]]:
     """Which attention path each layer's training pass takes: {"pallas": [0, 1, ...], ...}, by the same
-    choice "auto" makes at trace time for `platform` (or the configured implementation)."""
+    choice "auto" makes at trace time for `platform` and `chip` (a kernels.chips.Chip; None: not known)
+    (or the configured implementation)."""
     paths: dict[str, list[int]] = {}
     for layer in range(model.num_layers):
         mta = model.layer_mta(layer) or MTAConfig()
         name = model.attention_implementation
         if name == "auto":
             name = choose_implementation(
-                mta, seq_len, seq_len, platform, dtype=model.dtype, head_dim=model.head_dim
+                mta, seq_len, seq_len, platform, dtype=model.dtype, head_dim=model.head_dim, chip=chip
             )
         paths.setdefault(name, []).append(layer)
     return paths
@@ -176,7 +177,7 @@ def compile_run(cfg: TrainConfig, pod: Pod, num_slices: int = 1, hbm_bytes: int 
         "microbatches": cfg.microbatches,
         "rows_per_chip_per_microbatch": rows_per_chip,
         "tokens_per_step": tokens_per_step,
-        "attention": attention_paths(cfg.model, seq_len, chip.platform),
+        "attention": attention_paths(cfg.model, seq_len, chip.platform, chip),
         "hbm_bytes": hbm,
         "params_bytes": shard_bytes(state["params"]),
         "opt_state_bytes": shard_bytes(state["opt_state"]),
