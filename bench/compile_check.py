@@ -395,7 +395,8 @@ def readme_table(results: list[dict]) -> str:
             f"**{data['target']}** ({chip['device_kind']}; compiled {data['date']} with "
             + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v)
             + "). Forward+backward, D=128, H=16, B=1, bf16, causal. Cells: compiled temp memory MiB / "
-            "roofline estimate ms (an estimate, not a measurement); `x` = rejected by the compiler."
+            "roofline estimate ms (an estimate, not a measurement); `x` = rejected by the compiler; `n/a` = "
+            "the fused kernels refuse the layer on this chip (auto runs it blockwise; the JSON says why)."
         )
         lines.append("")
         lines.append("| layer | T | pallas | blockwise | reference | dot_product_attention |")
@@ -411,7 +412,9 @@ def readme_table(results: list[dict]) -> str:
             cells = []
             for path in PATHS:
                 p = _find(data, layer=layer, seq=seq, path=path, head_dim=128, mode=roofline.FWD_BWD)
-                if p is None or p.get("skipped"):
+                if p is not None and p.get("skipped") and path == "pallas":
+                    cells.append("n/a")
+                elif p is None or p.get("skipped"):
                     cells.append("")
                 elif not p["accepted"]:
                     cells.append("x")

@@ -78,11 +78,15 @@ def test_kernel_summary_names_the_largest_spill_and_counts_serialized_wgmma():
 
 
 def test_readme_table_marks_rejections_and_labels_estimates():
-    data = _data([_point(), _point(path="blockwise"), _point(layer="full", accepted=False)])
-    table = readme_table([data])
+    refused = {**_point(layer="mix_all", accepted=None), "skipped": "the fused kernels do not support ..."}
+    skipped_reference = {**_point(layer="mix_all", path="reference", accepted=None), "skipped": "O(T^2)"}
+    rejected = _point(layer="full", accepted=False)
+    table = readme_table([_data([_point(), _point(path="blockwise"), rejected, refused, skipped_reference])])
     assert "roofline estimate ms (an estimate, not a measurement)" in table
     assert "| kq_conv_mix4 | 4096 | 100 / 1.00 | 100 / 1.00 |  |  |" in table
     assert "| full | 4096 | x |  |  |  |" in table
+    # The kernels refuse mix_all on this chip; its reference point was not compiled.
+    assert "| mix_all | 4096 | n/a |  |  |  |" in table
 
 
 def test_write_readme_replaces_only_the_marked_region(tmp_path):
