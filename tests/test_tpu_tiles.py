@@ -29,15 +29,30 @@ def _problem(layer: str, head_dim: int) -> tpu_tiles.Problem:
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("name", TPUS)
 def test_each_kernel_gets_the_largest_tiles_that_fit(name, layer, head_dim):
+    """Most scores a program among the tiles that fit; of equal ones the squarest, then the longer side
+    where the kernel streams (block_q for fwd / dQ, block_k for dK/dV); none fitting, the smallest."""
     chip, problem = get_chip(name), _problem(layer, head_dim)
     chosen = tpu_tiles.default_block_sizes(chip, problem)
-    candidates = tpu_tiles._candidates(problem)
+    every = [
+        tpu_tiles.TpuTiles(bq, bk)
+        for bq in tpu_tiles.SIZES_Q
+        for bk in tpu_tiles.SIZES_K
+        if bk >= problem.width
+    ]
+    smallest = min(every, key=lambda t: t.block_q * t.block_k)
     for kind in ("fwd", "dq", "dkv"):
         tiles = getattr(chosen, kind)
-        assert tpu_tiles.fits(kind, problem, tiles, chip) or tiles == candidates[-1], (kind, tiles)
-        larger = candidates[: candidates.index(tiles)]
-        assert not any(tpu_tiles.fits(kind, problem, t, chip) for t in larger), (kind, tiles)
-    smallest = candidates[-1]
+        fitting = [t for t in every if tpu_tiles.fits(kind, problem, t, chip)]
+        if not fitting:
+            assert tiles == smallest, (kind, tiles)
+            continue
+        assert tiles in fitting, (kind, tiles)
+        area = max(t.block_q * t.block_k for t in fitting)
+        best = [t for t in fitting if t.block_q * t.block_k == area]
+        squarest = min(abs(t.block_q - t.block_k) for t in best)
+        best = [t for t in best if abs(t.block_q - t.block_k) == squarest]
+        side = (lambda t: t.block_k) if kind == "dkv" else (lambda t: t.block_q)
+        assert tiles == max(best, key=side), (kind, tiles, best)
     over = max(tpu_tiles.vmem_bytes(k, problem, smallest) for k in ("fwd", "dq", "dkv"))
     refused = tpu_tiles.no_fit(chip, problem) is not None
     assert refused == (over > tpu_tiles.NO_FIT_RATIO * chip.vmem_bytes * 7 // 8)
